@@ -1,0 +1,50 @@
+"""The ``refbn`` command line.
+
+Each subcommand lives in its own module with ``configure(parser)`` and
+``main(args) -> exit code``; modules load only when their subcommand runs,
+so ``refbn trace`` never imports TensorFlow.
+"""
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "trace": ("refbn.trace_cli", "walk through one BatchNorm call and its moving-average updates"),
+    "verify": ("refbn.compare.cli", "check refbn against TensorFlow's fused kernels and Keras"),
+    "bench": ("refbn.bench.cli", "time the kernels against TF and the memory-bandwidth floor"),
+    "demo": ("refbn.keras_tools.demo", "reproduce the 100%-train / 33%-predict failure and fix it"),
+    "diagnose": ("refbn.keras_tools.diagnose_cli", "report stale BatchNorm statistics in a Keras model"),
+}
+
+
+def _load(name):
+    try:
+        return importlib.import_module(SUBCOMMANDS[name][0])
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("refbn"):
+            return None
+        raise
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="refbn", description="Batch Normalization, shown and verified.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    for name, (_, help_) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        if name == wanted:
+            module = _load(name)
+            if module is None:
+                parser.error(f"'refbn {name}' is not available in this install")
+            module.configure(p)
+            p.set_defaults(_module=module)
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    return int(args._module.main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""The Batch Normalization equations: the one home for the maths.
+
+Every backend (the numpy reference and the numba kernels) reduces x and dy to
+per-channel sums in its own way, then calls these functions on the
+per-channel vectors.  Elementwise, every backend applies the two linear forms
+
+    y  = (x - mean) * y_coef + offset                         (forward)
+    dx = dx_coef_dy * dy + dx_coef_xc * (x - mean) + dx_coef_0 (backward)
+
+whose per-channel coefficients come from here.  Nothing else in refbn
+writes these formulas.
+
+References: TF's ``FusedBatchNormV3`` CPU kernel (fused_batch_norm_op.cc),
+tf-keras' ``BatchNormalization._assign_moving_average`` and Keras 3's
+``BatchNormalization``.  All functions accept numpy arrays or scalars.
+"""
+from collections import namedtuple
+
+import numpy as np
+
+
+def bessel_factor(n):
+    """n / max(n - 1, 1): turns the biased variance into the unbiased one.
+
+    TF uses max(n - 1, 1) so that a single value per channel gives an
+    unbiased variance of 0 rather than NaN.
+    """
+    return n / max(n - 1, 1)
+
+
+def inv_std(variance, epsilon):
+    """rsqrt(variance + epsilon), the ``inv_std`` (TF: ``rsqrt``)."""
+    return 1.0 / np.sqrt(variance + epsilon)
+
+
+def y_coefficient(scale, inv_std_):
+    """Per-channel multiplier of (x - mean): y = (x - mean) * scale * inv_std + offset."""
+    return scale * inv_std_
+
+
+def normalize(x_centered, inv_std_):
+    """x_hat = (x - mean) * inv_std (shown in traces)."""
+    return x_centered * inv_std_
+
+
+def batch_norm(x_centered, y_coef, offset):
+    """y = (x - mean) * y_coef + offset, the elementwise forward form."""
+    return x_centered * y_coef + offset
+
+
+def update_delta(variable, value, decay):
+    """(variable - value) * decay: what ``_assign_moving_average`` subtracts."""
+    return (variable - value) * decay
+
+
+def moving_average(variable, value, decay):
+    """variable - (variable - value) * decay.
+
+    This is Keras' ``variable -= (variable - value) * (1 - momentum)`` with
+    decay = 1 - momentum; TF's raw op writes the same update as
+    (1 - f) * old + f * new with f = exponential_avg_factor = decay, and
+    PyTorch as (1 - m) * old + m * new with decay = m.  refbn evaluates it in
+    float64 and rounds once.
+    """
+    return variable - update_delta(variable, value, decay)
+
+
+def initial_weight_after(decays):
+    """How much of a moving statistic is still its initial value after
+    updates with the given decays: prod(1 - decay_t) (momentum**t in Keras)."""
+    w = 1.0
+    for d in decays:
+        w *= 1.0 - d
+    return w
+
+
+def debias(moving, initial, initial_weight):
+    """Remove the initial value's remaining weight w, as Adam does:
+    (moving - w * initial) / (1 - w).  With w == 1 (no step yet) there is
+    no information about the data and the moving value is returned."""
+    if initial_weight >= 1.0:
+        return np.asarray(moving, dtype=np.float64)
+    return (moving - initial_weight * initial) / (1.0 - initial_weight)
+
+
+def steps_to_converge(momentum, tolerance):
+    """Smallest t with momentum**t <= tolerance (Keras momentum convention)."""
+    if momentum <= 0.0:
+        return 1
+    if momentum >= 1.0:
+        return float("inf")
+    return int(np.ceil(np.log(tolerance) / np.log(momentum)))
+
+
+BackwardCoefficients = namedtuple(
+    "BackwardCoefficients", "dx_coef_dy dx_coef_xc dx_coef_0 dgamma dbeta")
+
+
+def backward_coefficients(sum_dy, sum_dy_xc, n, scale, inv_std_, is_training):
+    """Per-channel coefficients of dx = a*dy + b*(x - mean) + c, plus dgamma, dbeta.
+
+    sum_dy = sum(dy) and sum_dy_xc = sum(dy * (x - mean)) over the channel.
+
+    Training (statistics depend on x):
+        dx = scale*inv_std * (dy - mean(dy) - x_hat * mean(dy * x_hat))
+    so a = scale*inv_std, b = -a * inv_std**2 * sum_dy_xc / n, c = -a * sum_dy / n.
+    Inference (statistics are constants): dx = scale*inv_std*dy, b = c = 0.
+    In both modes dgamma = sum(dy * x_hat) and dbeta = sum(dy).
+    """
+    a = scale * inv_std_
+    dgamma = sum_dy_xc * inv_std_
+    dbeta = sum_dy
+    if is_training:
+        b = -a * inv_std_ * inv_std_ * sum_dy_xc / n
+        c = -a * sum_dy / n
+    else:
+        b = np.zeros_like(a)
+        c = np.zeros_like(a)
+    return BackwardCoefficients(a, b, c, dgamma, dbeta)
+
+
+def backward_terms(dy, x_centered, coefs):
+    """The three terms of dx (shown in traces): a*dy, c (= -a*mean(dy)) and b*(x - mean)
+    (= -a*x_hat*mean(dy*x_hat))."""
+    return coefs.dx_coef_dy * dy, coefs.dx_coef_0 + 0.0 * dy, coefs.dx_coef_xc * x_centered
+
+
+def batch_norm_backward(dy, x_centered, coefs):
+    """dx = a*dy + b*(x - mean) + c, the elementwise backward form."""
+    return coefs.dx_coef_dy * dy + coefs.dx_coef_xc * x_centered + coefs.dx_coef_0
+
+
+def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Merge two (count, mean, M2) summaries exactly (Chan, Golub & LeVeque)."""
+    n = n_a + n_b
+    with np.errstate(invalid="ignore", divide="ignore"):
+        delta = mean_b - mean_a
+        w_b = np.where(n > 0, n_b / np.where(n > 0, n, 1), 0.0)
+        mean = mean_a + delta * w_b
+        m2 = m2_a + m2_b + delta * delta * n_a * w_b
+    return n, mean, m2
