@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     # compare/ and bench/ live at the top of the repository but install as
     # refbn.compare and refbn.bench, so no generic top-level names are added.
-    packages=["refbn", "refbn.backends", "refbn.compare", "refbn.bench"],
+    packages=["refbn", "refbn.backends", "refbn.keras", "refbn.compare", "refbn.bench"],
     package_dir={"refbn": "refbn", "refbn.compare": "compare", "refbn.bench": "bench"},
     package_data={"refbn.bench": ["shapes/*.txt"]},
     install_requires=["numpy>=1.24", "numba>=0.59", "ml_dtypes>=0.3", "rich>=13"],

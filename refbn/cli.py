@@ -12,8 +12,8 @@ SUBCOMMANDS = {
     "trace": ("refbn.trace_cli", "walk through one BatchNorm call and its moving-average updates"),
     "verify": ("refbn.compare.cli", "check refbn against TensorFlow's fused kernels and Keras"),
     "bench": ("refbn.bench.cli", "time the kernels against TF and the memory-bandwidth floor"),
-    "demo": ("refbn.keras_tools.demo", "reproduce the 100%-train / 33%-predict failure and fix it"),
-    "diagnose": ("refbn.keras_tools.diagnose_cli", "report stale BatchNorm statistics in a Keras model"),
+    "demo": ("refbn.keras.demo", "reproduce the 100%-train / 33%-predict failure and fix it"),
+    "diagnose": ("refbn.keras.diagnose_cli", "report stale BatchNorm statistics in a Keras model"),
 }
 
 
