@@ -5,9 +5,21 @@ a 6-million-value batch does not allocate several float64 copies of itself.
 Results are the float64 truth used by every test (TF's kernels and the
 numba kernels are judged against them).
 """
+import functools
+
 import numpy as np
 
 from .. import equations as eq
+
+
+def _quiet(fn):
+    """NaN/Inf propagate per channel by design (as in TF), and a float16 y may overflow to
+    Inf on its final cast as TF's does: neither is worth a numpy RuntimeWarning."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with np.errstate(invalid="ignore", over="ignore"):
+            return fn(*args, **kwargs)
+    return wrapper
 
 _BLOCK_VALUES = 1 << 16  # values per block: large enough for numpy, small enough for cache
 
@@ -23,6 +35,7 @@ def _f64(a):
     return np.asarray(a, dtype=np.float64)
 
 
+@_quiet
 def moments(x3):
     """Per-channel mean, then the biased variance sum((x - mean)^2) / n (two passes)."""
     outer, channels, inner = x3.shape
@@ -38,6 +51,7 @@ def moments(x3):
     return mean, sq / n
 
 
+@_quiet
 def scale_shift(x3, mean, y_coef, offset, out3=None):
     y3 = np.empty(x3.shape, x3.dtype) if out3 is None else out3
     m, k, o = mean[None, :, None], y_coef[None, :, None], offset[None, :, None]
@@ -46,6 +60,7 @@ def scale_shift(x3, mean, y_coef, offset, out3=None):
     return y3
 
 
+@_quiet
 def grad_sums(dy3, x3, mean):
     """sum(dy) and sum(dy * (x - mean)) per channel."""
     channels = x3.shape[1]
@@ -58,6 +73,7 @@ def grad_sums(dy3, x3, mean):
     return sum_dy, sum_dy_xc
 
 
+@_quiet
 def grad_apply(dy3, x3, mean, coefs, out3=None):
     dx3 = np.empty(x3.shape, x3.dtype) if out3 is None else out3
     c = eq.BackwardCoefficients(*(v[None, :, None] for v in coefs))
