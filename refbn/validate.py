@@ -82,7 +82,7 @@ def nonnegative(v, name):
     bad = ~(np.asarray(v, dtype=np.float64) >= 0.0)
     if bad.any():
         idx = np.flatnonzero(bad)
-        shown = ", ".join(f"[{i}]={v[i]!r}" for i in idx[:5])
+        shown = ", ".join(f"[{i}]={float(v[i])!r}" for i in idx[:5])
         raise ValueError(f"{name}: expected every value >= 0, got {shown}"
                          + (f" and {idx.size - 5} more" if idx.size > 5 else ""))
     return v
