@@ -126,8 +126,8 @@ def backward(dy, x, layout, scale, mean, variance, epsilon, is_training, kernel,
     return dx, coefs.dgamma, coefs.dbeta
 
 
-def new_trace(title, want, **context):
-    return Trace(title, context) if want else None
+def new_trace(title, want, layout=None, **context):
+    return Trace(title, context, None if layout is None else layout.axis) if want else None
 
 
 def check_backend_and_trace(backend, trace):

@@ -130,7 +130,7 @@ class BatchNorm:
             validate.nonempty_batch(layout.count, x.shape, minimum=2)
         if not self.built:
             self.build(layout.channels)
-        tr = core.new_trace("BatchNorm", want_trace, convention=self.convention, training=training,
+        tr = core.new_trace("BatchNorm", want_trace, layout, convention=self.convention, training=training,
                             momentum=self.momentum, epsilon=self.epsilon, step=self.steps)
         gamma, beta = self.gamma.astype(np.float64), self.beta.astype(np.float64)
         if training:
@@ -178,7 +178,7 @@ class BatchNorm:
         dy = validate.as_x(dy, "dy")
         validate.same_shape(dy, x, "dy", "x of the last forward call")
         kernel, want_trace = core.check_backend_and_trace(self.backend, trace)
-        tr = core.new_trace("BatchNorm.backward", want_trace, convention=self.convention, training=training)
+        tr = core.new_trace("BatchNorm.backward", want_trace, layout, convention=self.convention, training=training)
         dx, dgamma, dbeta = core.backward(dy, x, layout, self.gamma.astype(np.float64), mean, var,
                                           self.epsilon, training, kernel, trace=tr)
         self.dgamma, self.dbeta = dgamma.astype(self.dtype), dbeta.astype(self.dtype)

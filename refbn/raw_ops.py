@@ -59,7 +59,7 @@ def FusedBatchNormV3(x, scale, offset, mean, variance, epsilon=0.0001, exponenti
         validate.nonnegative(variance, "variance")
     else:
         validate.nonempty_batch(layout.count, x.shape)
-    tr = core.new_trace("FusedBatchNormV3", want_trace, data_format=data_format,
+    tr = core.new_trace("FusedBatchNormV3", want_trace, layout, data_format=data_format,
                         is_training=is_training, x=f"{x.dtype.name}{list(x.shape)}", backend=backend)
     s64, o64 = scale.astype(np.float64), offset.astype(np.float64)
     if is_training:
@@ -110,7 +110,7 @@ def FusedBatchNormGradV3(y_backprop, x, scale, reserve_space_1, reserve_space_2,
     validate.nonnegative(variance, "reserve_space_2")
     if is_training:
         validate.nonempty_batch(layout.count, x.shape)
-    tr = core.new_trace("FusedBatchNormGradV3", want_trace, data_format=data_format,
+    tr = core.new_trace("FusedBatchNormGradV3", want_trace, layout, data_format=data_format,
                         is_training=is_training, x=f"{x.dtype.name}{list(x.shape)}", backend=backend)
     dx, dgamma, dbeta = core.backward(dy, x, layout, scale.astype(np.float64), mean.astype(np.float64),
                                       variance.astype(np.float64), epsilon, is_training, kernel, out, tr)

@@ -37,9 +37,10 @@ class Entry:
 class Trace:
     """An ordered record of named intermediates; ``trace["batch_mean"]`` reads one."""
 
-    def __init__(self, title, context=None):
+    def __init__(self, title, context=None, channel_axis=None):
         self.title = title
         self.context = dict(context or {})
+        self.channel_axis = channel_axis  # set by the op, so arrays print channel by channel
         self._entries = {}
 
     def record(self, name, value, step, formula):
@@ -76,7 +77,8 @@ class Trace:
                 step = e.step
                 lines.append(f"\n== {step} ==")
             lines.append(f"{i:>3}. {e.name:<26} {e.formula}")
-            lines.append("      = " + _show(e.value, channels, values).replace("\n", "\n        "))
+            shown = _show(e.value, channels, values, self.channel_axis)
+            lines.append("      = " + shown.replace("\n", "\n        "))
         return "\n".join(lines)
 
     def __str__(self):
@@ -86,7 +88,7 @@ class Trace:
         return f"<Trace {self.title!r}: {', '.join(self._entries)}>"
 
 
-def _show(value, channels, values):
+def _show(value, channels, values, channel_axis=None):
     if isinstance(value, np.ndarray):
         a = value
         if a.ndim == 0:
@@ -95,11 +97,16 @@ def _show(value, channels, values):
             more = f" ... ({a.size} channels)" if a.size > channels else ""
             return "[" + " ".join(_num(v) for v in a[:channels].tolist()) + "]" + more
         a64 = np.asarray(a, dtype=np.float64)
-        flat = a64.ravel()
-        head = " ".join(_num(v) for v in flat[:values].tolist())
-        finite = flat[np.isfinite(flat)]
+        finite = a64[np.isfinite(a64)]
         rng = (f"min {_num(finite.min())}, max {_num(finite.max())}" if finite.size else "no finite values")
-        return f"array {a.dtype.name}{list(a.shape)}: [{head} ...]  ({rng})"
+        head = f"array {a.dtype.name}{list(a.shape)} ({rng})"
+        if channel_axis is None or channel_axis >= a.ndim:
+            return head + ": [" + " ".join(_num(v) for v in a64.ravel()[:values].tolist()) + " ...]"
+        per_channel = np.moveaxis(a64, channel_axis, -1).reshape(-1, a.shape[channel_axis])
+        rows = [f"channel {c}: [" + " ".join(_num(v) for v in per_channel[:values, c].tolist())
+                + (" ...]" if per_channel.shape[0] > values else "]")
+                for c in range(min(channels, per_channel.shape[1]))]
+        return head + "\n" + "\n".join(rows)
     if isinstance(value, float):
         return _num(value)
     return repr(value)
