@@ -139,3 +139,46 @@ def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
         mean = mean_a + delta * w_b
         m2 = m2_a + m2_b + delta * delta * n_a * w_b
     return n, mean, m2
+
+
+# --- Statistics merged across shards (refbn.stats) ------------------------------------
+# Each function evaluates in the dtype of its inputs (float32 inputs: float32 arithmetic),
+# so that refbn.stats can reproduce a framework's float32 merge step by step.
+
+def sums_from_moments(n, mean, m2):
+    """(sum(x), sum(x^2)) of a (count, mean, M2) summary: n*mean and M2 + n*mean^2."""
+    return n * mean, m2 + n * mean * mean
+
+
+def mean_and_mean_square(n, sum_x, sum_x2):
+    """E[x] = sum(x)/n and E[x^2] = sum(x^2)/n (Keras' synchronized moments divide so)."""
+    return sum_x / n, sum_x2 / n
+
+
+def variance_from_mean_square(mean, mean_square):
+    """Biased variance as E[x^2] - E[x]^2, clamped at 0.
+
+    Keras' synchronized moments and Flax's fast variance compute it so.  In
+    float32 it cancels: the error is ~eps * E[x^2], i.e. relative to the variance
+    eps * (1 + mean^2/var), which is total loss when |mean| >> std.
+    """
+    d = mean_square - mean * mean
+    return np.maximum(d, np.zeros_like(d))
+
+
+def variance_from_inv_std(inv_std_, epsilon):
+    """Undo inv_std: (1/inv_std)^2 - epsilon (PyTorch's gather recovers each replica's
+    variance from the inv_std it was sent).  Loses the variance when var << epsilon."""
+    s = 1 / inv_std_
+    return s * s - epsilon
+
+
+def chan_merge_weighted(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan's merge arranged as PyTorch's batch_norm_reduce_statistics_kernel:
+    f = 1/(n_a+n_b), M2 = M2_a + (M2_b + (mean_a-mean_b)^2*n_a*n_b*f),
+    mean = n_a*f*mean_a + n_b*f*mean_b (same result as chan_merge in exact arithmetic)."""
+    f = 1 / (n_a + n_b)
+    d = mean_a - mean_b
+    m2 = m2_a + (m2_b + d * d * n_a * n_b * f)
+    mean = n_a * f * mean_a + n_b * f * mean_b
+    return n_a + n_b, mean, m2
