@@ -182,3 +182,19 @@ def chan_merge_weighted(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     m2 = m2_a + (m2_b + d * d * n_a * n_b * f)
     mean = n_a * f * mean_a + n_b * f * mean_b
     return n_a + n_b, mean, m2
+
+
+def shifted_moments(shift, sum_d, sum_d2, n):
+    """Mean and biased variance from one pass of sums of d = x - shift (per channel):
+
+        mean = shift + sum(d) / n,   var = sum(d^2) / n - (sum(d) / n)^2   (clipped at 0).
+
+    Exact for any shift in real arithmetic.  In floating point the
+    subtraction cancels by a factor 1 + (mean - shift)^2 / var, which is at
+    most n when the shift is one of the values (e.g. the channel's first
+    value), and ~2 for a typical value; with float64 sums of float32 data
+    (d and d^2 exact) the variance keeps ~1e-15 relative accuracy even on
+    N(1e6, 1) data, where the textbook sum(x^2)/n - mean^2 loses everything.
+    """
+    m1 = sum_d / n
+    return shift + m1, np.maximum(sum_d2 / n - m1 * m1, 0.0)
