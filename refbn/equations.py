@@ -198,3 +198,45 @@ def shifted_moments(shift, sum_d, sum_d2, n):
     """
     m1 = sum_d / n
     return shift + m1, np.maximum(sum_d2 / n - m1 * m1, 0.0)
+
+
+def steps_to_within(momentum, initial, target, tolerance):
+    """Steps until a moving statistic fed a constant ``target`` is within ``tolerance`` of it.
+
+    After t updates with momentum m (Keras convention) the moving value is
+    target + m**t * (initial - target), so t is the smallest integer with
+    m**t * |initial - target| <= tolerance (0 when it already is; elementwise).
+    """
+    gap = np.abs(np.asarray(initial, dtype=np.float64) - np.asarray(target, dtype=np.float64))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(gap > 0, tolerance / np.where(gap > 0, gap, 1.0), np.inf)
+        if momentum <= 0.0:
+            t = np.where(ratio >= 1.0, 0.0, 1.0)
+        elif momentum >= 1.0:
+            t = np.where(ratio >= 1.0, 0.0, np.inf)
+        else:
+            t = np.where(ratio >= 1.0, 0.0, np.ceil(np.log(np.minimum(ratio, 1.0)) / np.log(momentum)))
+    return t
+
+
+def implied_initial_weight(moving, initial, target):
+    """The weight w the initial value still holds in a moving statistic whose target is known:
+    moving = w * initial + (1 - w) * target, so w = (moving - target) / (initial - target)
+    (momentum**t after t steps on constant data; NaN where initial == target)."""
+    moving, target = np.asarray(moving, dtype=np.float64), np.asarray(target, dtype=np.float64)
+    den = initial - target
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den != 0, (moving - target) / np.where(den != 0, den, 1.0), np.nan)
+
+
+def normalized_error_ms(mean, variance, used_mean, used_variance, epsilon):
+    """Mean square, over a population with this ``mean`` and biased ``variance``, of
+    x_hat(used) - x_hat(true), where x_hat(s) = (x - s.mean) * inv_std(s.variance, epsilon):
+    how far inference with (used_mean, used_variance) puts the normalised output, in units
+    of the channel's standard deviation.  With a = inv_std, the difference is
+    (a_used - a_true) * (x - mean) + a_used * (mean - used_mean), so its mean square is
+    (a_used - a_true)**2 * variance + a_used**2 * (mean - used_mean)**2 (the cross term has
+    zero mean).  Multiply by scale**2 for the error of y."""
+    a_true = inv_std(variance, epsilon)
+    a_used = inv_std(used_variance, epsilon)
+    return (a_used - a_true) ** 2 * variance + a_used ** 2 * (mean - used_mean) ** 2
