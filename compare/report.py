@@ -1,0 +1,123 @@
+"""Rich tables and JSON for ``refbn verify``."""
+import json
+import platform
+from collections import Counter
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from . import divergences as div
+
+STYLE = {"exact": "bold green", "close": "green", "divergence": "yellow", "unsupported": "dim",
+         "FAIL": "bold red"}
+_DIV_SHORT = {div.ILL_CONDITIONED.name: "TF sums ill-conditioned",
+              div.EMPTY_BATCH_TRAINING.name: "N == 0",
+              div.INFERENCE_RESERVE_SPACES.name: "reserve spaces not compared",
+              div.EIGEN_GRAD_NCHW_INFERENCE.name: "grad unsupported by TF"}
+
+
+def _eps(v):
+    if v == 0:
+        return "0"
+    return f"{v:.2g}" if v < 1e4 else f"{v:.1e}"
+
+
+def case_row(r):
+    w = r.worst("refbn_vs_tf")
+    if w is None:
+        cells = ("-", "-", "-", "-", "-")
+    else:
+        wt = r.worst("tf_vs_truth")
+        wr = r.worst("refbn_vs_truth")
+        cells = (w.output, _eps(w.refbn_vs_tf.max_ulps) + f" / {w.refbn_vs_tf.allowed_ulps:g}",
+                 f"{_eps(wt.tf_vs_truth.max_ulps)} ({wt.output})", _eps(wr.refbn_vs_truth.max_ulps),
+                 w.closer)
+    notes = [_DIV_SHORT.get(d, d) for d in r.divergences]
+    if any("not run" in n for n in r.notes):
+        notes += [n for n in r.notes if "not run" in n]
+    return (r.descriptor, r.kernel_used if r.kernel_used == r.kernel else f"{r.kernel}->{r.kernel_used}",
+            f"[{STYLE[r.verdict]}]{r.verdict}[/]", *cells, "; ".join(dict.fromkeys(notes)))
+
+
+def results_table(results, title="refbn vs TensorFlow"):
+    t = Table(title=title, box=box.SIMPLE_HEAVY, show_lines=False)
+    for name, kw in (("case", {"overflow": "fold"}), ("kernel", {}), ("verdict", {}),
+                     ("worst output", {}), ("refbn↔TF eps / allowed", {"justify": "right"}),
+                     ("TF↔truth eps", {"justify": "right"}), ("refbn↔truth eps", {"justify": "right"}),
+                     ("closer", {}), ("notes", {"overflow": "fold"})):
+        t.add_column(name, **kw)
+    for r in results:
+        t.add_row(*case_row(r))
+    return t
+
+
+def detail_table(r):
+    t = Table(title=f"{r.descriptor}  [{r.kernel_used}]  {r.verdict}", box=box.SIMPLE, title_justify="left")
+    for name in ("output", "dtype", "refbn↔TF abs", "rel", "ulps", "eps/allowed",
+                 "TF↔truth abs", "rel", "ulps", "refbn↔truth abs", "ulps", "closer"):
+        t.add_column(name, justify="right" if name not in ("output", "dtype", "closer") else "left")
+    for o in r.outputs:
+        a, b, c = o.refbn_vs_tf, o.tf_vs_truth, o.refbn_vs_truth
+        t.add_row(o.output, o.dtype, f"{a.max_abs:.3g}", f"{a.max_rel:.3g}", str(a.max_ulp_distance),
+                  f"{_eps(a.max_ulps)}/{a.allowed_ulps:g}", f"{b.max_abs:.3g}", f"{b.max_rel:.3g}",
+                  str(b.max_ulp_distance), f"{c.max_abs:.3g}", str(c.max_ulp_distance), o.closer)
+    return t
+
+
+def summary(results):
+    return Counter(r.verdict for r in results)
+
+
+def print_report(console, results, detail=False):
+    console.print(results_table(results))
+    for r in results:
+        if detail or r.verdict == "FAIL":
+            if r.outputs:
+                console.print(detail_table(r))
+            for n in r.notes:
+                console.print(f"  note: {n}", markup=False, highlight=False)
+    facts = [(r, f) for r in results for f in r.facts]
+    if facts:
+        console.print("\n[bold]Convention gaps (facts, not failures)[/]")
+        for r, f in facts:
+            console.print(f"  {r.descriptor} [{r.kernel_used}]: {f}", markup=False, highlight=False)
+    seen = sorted({d for r in results for d in r.divergences})
+    if seen:
+        console.print("\n[bold]Documented divergences seen[/] (refbn verify --divergences explains each)")
+        by_name = {d.name: d for d in div.ALL}
+        for name in seen:
+            console.print(f"  {name}: {by_name[name].summary}", markup=False, highlight=False)
+    fails = [r for r in results if r.verdict == "FAIL"]
+    if fails:
+        console.print(f"\n[bold red]{len(fails)} FAIL[/]")
+        for r in fails:
+            console.print(f"[red]FAIL[/] {r.descriptor} [{r.kernel_used}]", highlight=False)
+            for f in r.failures:
+                console.print("  " + f.replace("\n", "\n  "), markup=False, highlight=False)
+            console.print(f"  repro: {r.repro()}", markup=False, highlight=False)
+    counts = summary(results)
+    line = ", ".join(f"{counts[v]} {v}" for v in ("exact", "close", "divergence", "unsupported", "FAIL")
+                     if counts[v])
+    console.print(f"\n[bold]{len(results)} checks[/] ({line})")
+
+
+def divergences_table():
+    t = Table(title="Documented TF divergences", box=box.SIMPLE_HEAVY, show_lines=True)
+    t.add_column("name")
+    t.add_column("what", overflow="fold")
+    t.add_column("why / how it is checked", overflow="fold")
+    for d in div.ALL:
+        t.add_row(d.name, d.summary, d.reason)
+    return t
+
+
+def write_json(path, results, meta):
+    payload = {"meta": dict(meta, python=platform.python_version()),
+               "summary": dict(summary(results)), "results": [r.as_dict() for r in results]}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=1, default=float)
+
+
+def console(stderr=False):
+    return Console(stderr=stderr, highlight=False)
