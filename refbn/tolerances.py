@@ -16,6 +16,11 @@ Contexts:
                        differences of the float64 forward pass
     layer              a BatchNorm layer's moving statistic after t updates
                        against the closed form (1 - momentum**t) * value
+    merge              refbn.stats: merged Moments against the moments of all
+                       the values; a framework's float32 merge emulation
+                       against the same arithmetic done independently
+    distributed        TF's synchronized BatchNormalization (MirroredStrategy,
+                       MultiWorkerMirroredStrategy) against refbn's replay
 """
 from dataclasses import dataclass
 
@@ -49,6 +54,43 @@ TOLERANCES = {
                    "round-off ~eps/h, i.e. ~eps^(2/3) ~ 2^-35 relative; 2^22 eps = 2^-30 leaves margin"),
     ("layer", "*", "f64"): Tolerance(
         2.0 ** 8, "one float64 rounding per update step; the tests run at most ~100 steps"),
+    # refbn.stats: merged Moments against single-device moments of all the values
+    ("merge", "mean", "f64"): Tolerance(
+        2.0 ** 5, "each Chan merge rounds mean_a + delta*w a few times and the pairwise tree has "
+                  "log2(k) levels (k <= 64 shards); judged on the scale of the data's std"),
+    ("merge", "variance", "f64"): Tolerance(
+        2.0 ** 5, "the merge's cross term delta^2*n_a*n_b/n carries each shard mean's rounding "
+                  "(~eps*|mean|) times the spread of the means (~std), so it is judged on the scale "
+                  "std*max(|mean|, std); the tree adds log2(k) levels of a few eps each"),
+    ("merge", "*", "f32"): Tolerance(
+        4.0, "a float32 emulation fed float64 sums that are within float64 round-off of exact: "
+             "rounded to float32 they differ by at most 1 ulp (double rounding); E[x^2]-E[x]^2 is "
+             "judged on the scale of E[x^2], the size of the terms it cancels"),
+    # refbn.compare.distributed: TF's synchronized BatchNormalization (float32) against refbn's
+    # keras_sync replay; the data of its cases are N(2, 3^2) in batches of <= 300 values per channel
+    ("distributed", "batch_mean", "f32"): Tolerance(
+        2.0 ** 4, "TF sums x in float32 (reduce_sum, then the all-reduce over <= 4 replicas) where "
+                  "refbn rounds exact sums once; each float32 addition adds <= 0.5 eps of the partial "
+                  "sum, judged on the scale sqrt(E[x^2])"),
+    ("distributed", "batch_variance", "f32"): Tolerance(
+        2.0 ** 4, "E[x^2] - E[x]^2 from float32 sums ordered differently (as batch_mean), judged on "
+                  "the scale of E[x^2], the size of the terms that cancel"),
+    ("distributed", "y", "f32"): Tolerance(
+        2.0 ** 5, "TF's y = x*a + (beta - mean*a) rounds terms up to ~4x |y| (|x - mean|/std <= ~4 "
+                  "here) and inherits half the variance's relative error (16 eps * E[x^2]/var, "
+                  "E[x^2]/var = 1.4 for N(2, 3^2))"),
+    ("distributed", "moving_mean", "f32"): Tolerance(
+        2.0 ** 4, "a few float32 moving-average updates of batch statistics that are within "
+                  "their own tolerance"),
+    ("distributed", "moving_variance", "f32"): Tolerance(
+        2.0 ** 4, "a few float32 moving-average updates of batch statistics that are within "
+                  "their own tolerance"),
+    ("distributed", "gamma", "f32"): Tolerance(
+        2.0 ** 6, "SGD steps on float32 gradient sums of ~300 terms dy*x_hat that partly cancel "
+                  "(dy = sin(x)), all-reduced over <= 4 replicas"),
+    ("distributed", "beta", "f32"): Tolerance(
+        2.0 ** 6, "SGD steps on float32 sums of ~300 terms dy = sin(x) that cancel to ~sqrt(n) of "
+                  "their size, all-reduced over <= 4 replicas; beta starts at 0"),
 }
 
 

@@ -1,0 +1,421 @@
+"""refbn's ``"keras_sync"`` merge against TensorFlow's own distributed run.
+
+TensorFlow runs ``keras.layers.BatchNormalization(synchronized=True)`` for a few
+training steps under ``tf.distribute.MirroredStrategy`` (2 and 4 logical CPU
+devices, one process) and ``MultiWorkerMirroredStrategy`` (2 worker processes
+on 127.0.0.1), with equal and unequal per-replica batches; see
+:mod:`refbn.compare._dist_worker`.  This process never imports TensorFlow: it
+reads what TF computed and replays the same steps with refbn: per-replica
+:class:`refbn.stats.Moments` from a backend's kernel, the ``"keras_sync"``
+merge, then y, the moving averages and the gamma/beta gradients from
+:mod:`refbn.equations`.  Every TF output must match within the float32
+tolerances of ``refbn/tolerances.py`` (context ``"distributed"``).  The table
+also shows how far TF's merged variance, and each framework's merge, are
+from the exact one.
+
+    python -m refbn.compare.distributed            # or: refbn verify --distributed
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from refbn import backends, equations as eq, stats
+from refbn.layout import Layout
+from refbn.testing import compare
+
+MOMENTUM = 0.9         # Keras' convention: moving = moving * momentum + batch * (1 - momentum)
+EPSILON = 1e-3         # Keras' default
+LEARNING_RATE = 0.01   # SGD on gamma and beta, loss = sum(y * sin(x))
+COLLECTIVE_TIMEOUT_S = 60
+DATA_FORMAT = "NHWC"
+VARIANCE_LOST = 0.5    # relative error of the variance beyond which it is "lost"
+OUTPUTS = ("batch_mean", "batch_variance", "y", "moving_mean", "moving_variance", "gamma", "beta")
+
+
+@dataclass(frozen=True)
+class DistCase:
+    """One distributed run: per-replica batch sizes (fed with
+    ``experimental_distribute_values_from_function``), or a global batch that TF's
+    ``experimental_distribute_dataset`` splits itself."""
+    name: str
+    engine: str              # "mirrored" | "multiworker"
+    replicas: int
+    batches: tuple = ()      # per-replica batch sizes
+    global_batch: int = 0    # or: a global batch split by TF
+    steps: int = 3
+    spatial: tuple = (3, 3)
+    channels: int = 4
+    loc: float = 2.0
+    scale: float = 3.0
+    seed: int = 0
+    judged: tuple = OUTPUTS  # the outputs compared with refbn's replay
+    loses_variance: bool = False  # TF and the keras_sync emulation must both lose the variance
+
+    @property
+    def describe(self):
+        if self.global_batch:
+            return f"global batch {self.global_batch} split by tf.data"
+        return "batches " + "+".join(map(str, self.batches))
+
+
+CASES = (
+    DistCase("mirrored2-equal", "mirrored", 2, batches=(8, 8), seed=1),
+    DistCase("mirrored2-uneven", "mirrored", 2, batches=(1, 31), seed=2),
+    DistCase("mirrored4-equal", "mirrored", 4, batches=(4, 4, 4, 4), seed=3),
+    DistCase("mirrored4-uneven", "mirrored", 4, batches=(1, 2, 5, 24), seed=4),
+    DistCase("mirrored4-dataset10", "mirrored", 4, global_batch=10, seed=5),
+    DistCase("mirrored4-dataset5", "mirrored", 4, global_batch=5, seed=6),
+    # N(1e4, 0.01^2): E[x^2] - E[x]^2 cancels in float32 and TF loses the variance; only the
+    # batch statistics are judged (against the same float32 arithmetic, on the scale of E[x^2])
+    DistCase("mirrored2-offset1e4", "mirrored", 2, batches=(8, 8), loc=1e4, scale=0.01, seed=9,
+             judged=("batch_mean", "batch_variance"), loses_variance=True),
+    DistCase("multiworker2-equal", "multiworker", 2, batches=(8, 8), seed=7),
+    DistCase("multiworker2-uneven", "multiworker", 2, batches=(3, 13), seed=8),
+)
+ENGINES = ("mirrored", "multiworker")
+
+
+def case_data(case, step):
+    """The float32 NHWC inputs of one step: one array per replica, or one global batch."""
+    rng = np.random.default_rng([case.seed, step])
+    sizes = (case.global_batch,) if case.global_batch else case.batches
+    return [rng.normal(case.loc, case.scale, (b,) + tuple(case.spatial) + (case.channels,))
+            .astype(np.float32) for b in sizes]
+
+
+# -- running TF ----------------------------------------------------------------------------
+class WorkerError(RuntimeError):
+    pass
+
+
+def _free_ports(k):
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(k)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _launch(args, log_path):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    env.pop("TF_CONFIG", None)
+    log = open(log_path, "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "refbn.compare._dist_worker", *args],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc._refbn_log = log
+    return proc
+
+
+def _kill(proc):
+    """End a worker and everything it started (its own process group)."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    proc._refbn_log.close()
+
+
+def _tail(path, n=25):
+    try:
+        with open(path, errors="replace") as f:
+            lines = [l for l in f.read().splitlines() if l.strip()]
+    except OSError:
+        return ""
+    return "\n".join(lines[-n:])
+
+
+def run_tf(engines, outdir, timeout):
+    """Start the TF workers of the given engines at once; wait for all of them (at most
+    ``timeout`` seconds), kill every process group on the way out.  One group of
+    processes per engine and replica count.  Returns {group: error text or None}."""
+    procs = {}  # group name -> [(proc, log)]; a group's cases fail together
+    try:
+        for engine in engines:
+            for replicas in sorted({c.replicas for c in CASES if c.engine == engine}):
+                group = f"{engine}{replicas}"
+                base = ["--engine", engine, "--replicas", str(replicas), "--outdir", outdir]
+                if engine == "mirrored":
+                    log = os.path.join(outdir, f"{group}.log")
+                    procs[group] = [(_launch(base, log), log)]
+                else:
+                    ports = ",".join(map(str, _free_ports(replicas)))
+                    procs[group] = []
+                    for i in range(replicas):
+                        log = os.path.join(outdir, f"{group}.w{i}.log")
+                        procs[group].append(
+                            (_launch(base + ["--index", str(i), "--ports", ports], log), log))
+        deadline = time.monotonic() + timeout
+        errors = {}
+        for group, plist in procs.items():
+            for proc, log in plist:
+                left = deadline - time.monotonic()
+                try:
+                    rc = proc.wait(timeout=max(left, 0.1))
+                except subprocess.TimeoutExpired:
+                    errors[group] = f"timed out after {timeout:.0f} s\n{_tail(log)}"
+                    break
+                if rc != 0:
+                    errors[group] = f"worker exited with {rc}\n{_tail(log)}"
+                    break
+            errors.setdefault(group, None)
+        return errors
+    finally:
+        for plist in procs.values():
+            for proc, _ in plist:
+                _kill(proc)
+
+
+def _load(case, outdir):
+    if case.engine == "mirrored":
+        files = [os.path.join(outdir, f"{case.name}.npz")]
+    else:
+        files = [os.path.join(outdir, f"{case.name}.w{i}.npz") for i in range(case.replicas)]
+    arrays = {}
+    for f in files:
+        with np.load(f) as z:
+            arrays.update({k: z[k] for k in z.files})
+    return arrays
+
+
+# -- refbn's replay -----------------------------------------------------------------------
+@dataclass
+class StepReplay:
+    """refbn's values for one step (float64 vectors of float32 values where Keras stores float32)."""
+    counts: list
+    keras: stats.MergeResult
+    merges: dict                 # method -> MergeResult (vs exact)
+    y: list                      # per replica
+    moving_mean: np.ndarray
+    moving_variance: np.ndarray
+    gamma: np.ndarray
+    beta: np.ndarray
+    second_moment: np.ndarray    # E[x^2] per channel: the scale of E[x^2] - E[x]^2
+
+
+def _f32(v):
+    return np.asarray(v, np.float64).astype(np.float32).astype(np.float64)
+
+
+def replay(case, xs_per_step, backend="numpy", method="keras_sync"):
+    """Replay the case's steps with refbn; xs_per_step[s] = the per-replica x TF received.
+    ``method``: the merge that refbn uses for the batch statistics (Keras': "keras_sync")."""
+    c = case.channels
+    moving_mean, moving_var = np.zeros(c), np.ones(c)
+    gamma, beta = np.ones(c), np.zeros(c)
+    kernel = backends.get(backend)
+    out = []
+    for xs in xs_per_step:
+        shards = [stats.Moments.from_array(x, data_format=DATA_FORMAT, backend=backend) for x in xs]
+        merges = {m: stats.merge(shards, m, dtype="float32", epsilon=EPSILON) for m in stats.METHODS}
+        k = merges[method]
+        mean, var = k.mean, k.variance
+        istd = eq.inv_std(var, EPSILON)
+        coef = eq.y_coefficient(gamma, istd)
+        ys, sum_dy, sum_dy_xc = [], np.zeros(c), np.zeros(c)
+        for x in xs:
+            layout = Layout.from_data_format(x.shape, DATA_FORMAT)
+            ys.append(eq.batch_norm(x.astype(np.float64) - layout.broadcastable(mean),
+                                    layout.broadcastable(coef), layout.broadcastable(beta)))
+            if layout.count:
+                dy = np.sin(x.astype(np.float64)).astype(x.dtype)  # TF: tf.sin(x) in float32
+                sd, sdx = kernel.grad_sums(layout.to3(dy), layout.to3(x), mean)
+                sum_dy, sum_dy_xc = sum_dy + sd, sum_dy_xc + sdx
+        n = sum(s.count for s in shards)
+        coefs = eq.backward_coefficients(sum_dy, sum_dy_xc, n, gamma, istd, True)
+        decay = 1.0 - MOMENTUM
+        moving_mean = _f32(eq.moving_average(moving_mean, mean, decay))
+        moving_var = _f32(eq.moving_average(moving_var, var, decay))
+        new_gamma = _f32(gamma - LEARNING_RATE * coefs.dgamma)
+        new_beta = _f32(beta - LEARNING_RATE * coefs.dbeta)
+        exact = merges["exact"].reference
+        out.append(StepReplay([s.count for s in shards], k, merges, ys, moving_mean, moving_var,
+                              new_gamma, new_beta, exact.variance + exact.mean ** 2))
+        gamma, beta = new_gamma, new_beta
+    return out
+
+
+# -- judging ------------------------------------------------------------------------------
+@dataclass
+class CaseReport:
+    case: DistCase
+    counts: list = field(default_factory=list)      # values per channel per replica, step 0
+    worst: dict = field(default_factory=dict)       # output -> worst Comparison over steps/replicas
+    failures: list = field(default_factory=list)
+    tf_variance_error: float = float("nan")         # TF's merged variance vs the exact merge
+    merge_errors: dict = field(default_factory=dict)  # method -> worst variance error vs exact
+    replicas_agree: bool = True
+    error: str = ""
+
+    @property
+    def passed(self):
+        return not self.error and not self.failures and self.replicas_agree
+
+
+def _judge(report, output, tf_value, ref_value, step, replica, scale=None):
+    if output not in report.case.judged:
+        return
+    c = compare(tf_value, ref_value, output, "f32", "distributed", scale=scale)
+    prev = report.worst.get(output)
+    if prev is None or c.max_ulps > prev.max_ulps:
+        report.worst[output] = c
+    if not c.passed:
+        report.failures.append(c.message(f"{report.case.name} step {step} replica {replica}"))
+
+
+def judge(case, arrays, backend="numpy", method="keras_sync"):
+    """Compare TF's recorded run with refbn's replay (merging with ``method``)."""
+    report = CaseReport(case)
+    xs_per_step = [[arrays[f"x_{s}_{r}"] for r in range(case.replicas)] for s in range(case.steps)]
+    steps = replay(case, xs_per_step, backend, method)
+    report.counts = steps[0].counts
+    for s, st in enumerate(steps):
+        for r in range(case.replicas):
+            scale_m = float(np.sqrt(np.max(st.second_moment)))
+            _judge(report, "batch_mean", arrays[f"mean_{s}_{r}"], st.keras.mean, s, r, scale=scale_m)
+            _judge(report, "batch_variance", arrays[f"var_{s}_{r}"], st.keras.variance, s, r,
+                   scale=float(np.max(st.second_moment)))
+            if st.counts[r]:
+                _judge(report, "y", arrays[f"y_{s}_{r}"], st.y[r], s, r)
+            for name, value in (("moving_mean", st.moving_mean), ("moving_variance", st.moving_variance),
+                                ("gamma", st.gamma), ("beta", st.beta)):
+                tf_value = arrays[f"{name}_{s}_{r}"]
+                _judge(report, name, tf_value, value, s, r)
+                if not np.array_equal(tf_value, arrays[f"{name}_{s}_0"]):
+                    report.replicas_agree = False
+                    report.failures.append(f"{case.name} step {s}: replica {r}'s {name} differs "
+                                           f"from replica 0's")
+            tf_var = stats.MergeResult("tf", "float32", 0, st.keras.mean, arrays[f"var_{s}_{r}"],
+                                       st.keras.reference)
+            report.tf_variance_error = np.nanmax([report.tf_variance_error, tf_var.variance_error])
+        for m, res in st.merges.items():
+            report.merge_errors[m] = max(report.merge_errors.get(m, 0.0), res.variance_error)
+    if case.loses_variance:
+        for who, err in (("TF", report.tf_variance_error),
+                         ("the keras_sync emulation", report.merge_errors["keras_sync"])):
+            if not err > VARIANCE_LOST:
+                report.failures.append(
+                    f"{case.name}: expected {who} to lose the variance (E[x^2] - E[x]^2 in float32, "
+                    f"relative error > {VARIANCE_LOST}), got {err:.3g}")
+    return report
+
+
+def run(engines=ENGINES, backend="numpy", timeout=240, keep=None):
+    """Run TF's distributed cases and judge them; returns a list of CaseReport."""
+    engines = tuple(engines)
+    for e in engines:
+        if e not in ENGINES:
+            raise ValueError(f"engines: expected a subset of {ENGINES}, got {e!r}")
+    outdir = keep or tempfile.mkdtemp(prefix="refbn-dist-")
+    os.makedirs(outdir, exist_ok=True)
+    try:
+        errors = run_tf(engines, outdir, timeout)
+        reports = []
+        for case in CASES:
+            if case.engine not in engines:
+                continue
+            group = f"{case.engine}{case.replicas}"
+            if errors.get(group):
+                reports.append(CaseReport(case, error=errors[group]))
+                continue
+            try:
+                arrays = _load(case, outdir)
+            except OSError as e:
+                reports.append(CaseReport(case, error=f"no TF output: {e}"))
+                continue
+            reports.append(judge(case, arrays, backend))
+        return reports
+    finally:
+        if keep is None:
+            shutil.rmtree(outdir, ignore_errors=True)
+
+
+# -- output -------------------------------------------------------------------------------
+def table(reports):
+    from rich.table import Table
+
+    t = Table(title="Synchronized BatchNormalization: TF's run vs refbn's keras_sync replay "
+                    "(errors in float32 eps; variance errors vs the exact merge, relative)")
+    for col in ("case", "values/channel per replica", "worst output", "eps (allowed)",
+                "TF var err", "keras_sync", "torch_sync", "flax_pmean", "verdict"):
+        t.add_column(col, justify="left" if col in ("case", "worst output") else "right")
+    for rep in reports:
+        if rep.error:
+            t.add_row(rep.case.name, rep.case.describe, "-", "-", "-", "-", "-", "-",
+                      "[red]ERROR[/red]")
+            continue
+        worst = max(rep.worst.values(), key=lambda c: c.max_ulps / c.allowed_ulps)
+        me = rep.merge_errors
+        t.add_row(rep.case.name, "+".join(map(str, rep.counts)), worst.output,
+                  f"{worst.max_ulps:.3g} ({worst.allowed_ulps:g})", f"{rep.tf_variance_error:.2g}",
+                  f"{me['keras_sync']:.2g}", f"{me['torch_sync']:.2g}", f"{me['flax_pmean']:.2g}",
+                  "[green]pass[/green]" if rep.passed else "[red]FAIL[/red]")
+    return t
+
+
+def print_report(reports, console=None):
+    from rich.console import Console
+
+    console = console or Console()
+    console.print(table(reports))
+    for rep in reports:
+        if rep.error:
+            console.print(f"[red]{rep.case.name}[/red]: {rep.error}", markup=False, highlight=False)
+        for f in rep.failures[:5]:
+            console.print(f, markup=False, highlight=False)
+
+
+def configure(parser):
+    parser.add_argument("--engines", default=",".join(ENGINES),
+                        help="comma-separated: mirrored, multiworker (default: both)")
+    parser.add_argument("--backend", default="numpy", help="refbn backend for the per-replica moments")
+    parser.add_argument("--timeout", type=float, default=240.0, help="seconds for all TF workers")
+    parser.add_argument("--keep", default=None, help="keep TF's outputs and logs in this folder")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+
+def to_json(reports):
+    rows = []
+    for rep in reports:
+        rows.append({"case": rep.case.name, "engine": rep.case.engine, "replicas": rep.case.replicas,
+                     "counts": rep.counts, "passed": rep.passed, "error": rep.error,
+                     "worst_eps": {k: c.max_ulps for k, c in rep.worst.items()},
+                     "tf_variance_error": rep.tf_variance_error, "merge_errors": rep.merge_errors,
+                     "failures": rep.failures})
+    return rows
+
+
+def main(args=None):
+    """Entry point: ``python -m refbn.compare.distributed`` (argv list) or the CLI (a Namespace)."""
+    if not isinstance(args, argparse.Namespace):
+        p = argparse.ArgumentParser(prog="python -m refbn.compare.distributed",
+                                    description=__doc__.splitlines()[0])
+        configure(p)
+        args = p.parse_args(args)
+    engines = tuple(e for e in args.engines.split(",") if e)
+    t0 = time.perf_counter()
+    reports = run(engines, backend=args.backend, timeout=args.timeout, keep=args.keep)
+    print_report(reports)
+    print(f"{len(reports)} distributed cases in {time.perf_counter() - t0:.1f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(to_json(reports), f, indent=1)
+    return 0 if reports and all(r.passed for r in reports) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,460 @@
+"""Per-channel statistics that merge exactly, and how each framework merges them across replicas.
+
+A :class:`Moments` is (count, mean, M2) per channel, where M2 = sum((x - mean)^2).
+Two of them merge exactly and associatively with Chan, Golub & LeVeque's formula
+(:func:`refbn.equations.chan_merge`), so the moments of a data set too large for
+one device or one machine's memory are the merge of its shards' moments, in any
+order and grouping.  Each shard's moments come from a backend's ``moments``
+kernel (the same one single-device BN uses; ``backend="numba"`` reuses the numba
+kernels).
+
+Synchronized BatchNorm merges the replicas' statistics, and each framework does
+it its own way.  :func:`merge` reproduces each one's arithmetic, in its dtype and
+order of operations, and reports its error against the exact merge:
+
+``"exact"``
+    Chan's merge in float64 (refbn's reference).
+``"keras_sync"``
+    Keras 3 ``BatchNormalization(synchronized=True)`` on TensorFlow
+    (``keras.src.backend.tensorflow.nn._compute_moments_sync``): every replica
+    sums x, x^2 and a count (``ones_like(x)``) in float32, the three are
+    all-reduced with SUM, then mean = sum/count, var = max(sum2/count - mean^2, 0).
+    Exact on uneven shards (count-weighted); loses the variance when
+    |mean| >> std, because E[x^2] - E[x]^2 cancels in float32.
+``"torch_sync"``
+    PyTorch ``SyncBatchNorm``: every replica sends (mean, invstd, count) with
+    invstd = 1/sqrt(var + eps); ``batch_norm_gather_stats_with_counts`` recovers
+    var = (1/invstd)^2 - eps and merges the replicas in order with Chan's formula
+    in float32 (replicas with count 0 are left out).  Stable for offsets and
+    uneven shards; loses the variance when var << eps.
+``"flax_pmean"``
+    Flax ``nn.BatchNorm(axis_name=...)`` (``use_fast_variance=True``, the
+    default): every replica computes mean(x) and mean(x^2) in float32, then
+    ``lax.pmean`` averages them with equal weights and var = max(mu2 - mu^2, 0).
+    Wrong when replicas hold different numbers of values (a masked or padded
+    batch), NaN when one holds none, and the same cancellation as Keras.
+
+The per-replica reductions are modelled as correctly rounded (computed in
+float64 by the backend, rounded once to the framework's dtype): the emulations
+show the error of the merge itself, a lower bound on the framework's.
+TensorFlow is never imported here.
+"""
+import collections
+import concurrent.futures
+import numbers
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import backends, dtypes, equations as eq, validate
+from .layout import Layout
+
+METHODS = ("exact", "keras_sync", "torch_sync", "flax_pmean")
+
+__all__ = ["Moments", "MomentsAccumulator", "MergeResult", "METHODS", "moments", "moments_of_shards",
+           "merge", "merge_error_table"]
+
+
+def _count(value, name="count"):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected a non-negative integer, got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise ValueError(f"{name}: expected a non-negative integer, got {value}")
+    return int(value)
+
+
+def _vector(v, name):
+    try:
+        a = np.array(v, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name}: expected a 1-D array of floats, got {type(v).__name__} ({e})") from None
+    if a.ndim != 1 or a.size == 0:
+        raise ValueError(f"{name}: expected a 1-D array with one value per channel, got shape {a.shape}")
+    a.flags.writeable = False
+    return a
+
+
+class Moments:
+    """Per-channel (count, mean, M2) of a set of values; M2 = sum((x - mean)^2).
+
+    ``count`` is a Python int (the same for every channel, as in BatchNorm);
+    ``mean`` and ``m2`` are read-only float64 vectors.  ``a.merge(b)`` (or
+    ``a + b``) is exact and associative: merging the moments of the shards of a
+    data set gives the moments of the whole, to float64 round-off.
+    """
+    __slots__ = ("count", "mean", "m2")
+
+    def __init__(self, count, mean, m2):
+        count = _count(count)
+        mean, m2 = _vector(mean, "mean"), _vector(m2, "m2")
+        if m2.shape != mean.shape:
+            raise ValueError(f"m2: expected {mean.size} values (one per channel, as mean), got {m2.size}")
+        if (m2 < 0).any():  # NaN passes: it propagates per channel, as in BatchNorm
+            c = int(np.flatnonzero(m2 < 0)[0])
+            raise ValueError(f"m2: expected sums of squares >= 0, got m2[{c}] = {m2[c]!r}")
+        if count == 0 and (mean.any() or m2.any()):
+            raise ValueError("mean, m2: expected zeros when count is 0 (the moments of no values)")
+        object.__setattr__(self, "count", count)
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "m2", m2)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Moments is immutable; merge() returns a new one")
+
+    # -- construction -----------------------------------------------------------------
+    @classmethod
+    def empty(cls, channels):
+        """The moments of no values: the identity of :meth:`merge`."""
+        channels = _count(channels, "channels")
+        if channels == 0:
+            raise ValueError("channels: expected at least 1 channel, got 0")
+        return cls(0, np.zeros(channels), np.zeros(channels))
+
+    @classmethod
+    def from_array(cls, x, axis=None, data_format=None, backend="numpy"):
+        """Moments of x per channel, by a backend's ``moments`` kernel.
+
+        The channel axis is ``axis`` (any axis, default -1) or given by a
+        ``data_format`` (NC, NWC, NCW, NHWC, NCHW, NDHWC, NCDHW), not both.
+        """
+        layout = _layout(x, axis, data_format)
+        x = validate.as_x(x)
+        if layout.count == 0:
+            return cls.empty(layout.channels)
+        mean, var = backends.get(backend).moments(layout.to3(x))
+        return cls(layout.count, mean, var * layout.count)
+
+    # -- views ------------------------------------------------------------------------
+    @property
+    def channels(self):
+        return self.mean.size
+
+    @property
+    def variance(self):
+        """The biased variance M2 / n (what BatchNorm normalises with)."""
+        self._need_values("variance")
+        return self.m2 / self.count
+
+    @property
+    def unbiased_variance(self):
+        """variance * n / max(n - 1, 1), TF's Bessel correction (n == 1 gives 0, not NaN)."""
+        self._need_values("unbiased_variance")
+        return self.variance * eq.bessel_factor(self.count)
+
+    @property
+    def std(self):
+        return np.sqrt(self.variance)
+
+    def sums(self):
+        """(sum(x), sum(x^2)) per channel, in float64."""
+        return eq.sums_from_moments(self.count, self.mean, self.m2)
+
+    def _need_values(self, what):
+        if self.count == 0:
+            raise ValueError(f"{what}: undefined for the moments of no values (count 0)")
+
+    # -- merging ----------------------------------------------------------------------
+    def merge(self, other):
+        """The moments of the union of both sets of values (Chan's formula, float64)."""
+        if not isinstance(other, Moments):
+            raise TypeError(f"other: expected a Moments, got {type(other).__name__}")
+        if other.channels != self.channels:
+            raise ValueError(f"other: expected {self.channels} channels, got {other.channels}")
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            return other
+        n, mean, m2 = eq.chan_merge(float(self.count), self.mean, self.m2,
+                                    float(other.count), other.mean, other.m2)
+        return Moments(self.count + other.count, mean, np.maximum(m2, 0.0))
+
+    __add__ = merge
+
+    @staticmethod
+    def merge_all(moments):
+        """Merge any number of Moments pairwise (a balanced tree: round-off grows with log k)."""
+        acc = MomentsAccumulator()
+        for m in moments:
+            acc.add_moments(m)
+        return acc.result()
+
+    def __repr__(self):
+        with np.printoptions(precision=6, threshold=8):
+            return f"Moments(count={self.count}, mean={self.mean}, m2={self.m2})"
+
+
+class MomentsAccumulator:
+    """Streaming, pairwise merge of Moments: ``add(x)`` or ``add_moments(m)``, then ``result()``.
+
+    Keeps O(log k) partial results for k shards (a binary counter: equal-sized
+    partials are merged as they appear), so the merge tree is balanced and the
+    result does not depend on how the shards were computed, only on their order.
+    """
+
+    def __init__(self, axis=None, data_format=None, backend="numpy"):
+        self.axis, self.data_format = axis, data_format
+        self.backend = backend
+        backends.get(backend)  # fail now on an unknown backend
+        self._stack = []  # [(level, Moments)]
+        self.shards = 0
+
+    def add(self, x):
+        """Add the values of one shard (an array laid out as given at construction)."""
+        self.add_moments(Moments.from_array(x, self.axis, self.data_format, self.backend))
+
+    def add_moments(self, m):
+        if not isinstance(m, Moments):
+            raise TypeError(f"moments: expected a Moments, got {type(m).__name__}")
+        if self._stack and self._stack[0][1].channels != m.channels:
+            raise ValueError(f"moments: expected {self._stack[0][1].channels} channels (as the shards "
+                             f"before), got {m.channels}")
+        level = 0
+        while self._stack and self._stack[-1][0] == level:
+            _, prev = self._stack.pop()
+            m = prev.merge(m)
+            level += 1
+        self._stack.append((level, m))
+        self.shards += 1
+
+    def result(self):
+        if not self._stack:
+            raise ValueError("no shards were added")
+        total = self._stack[-1][1]
+        for _, m in reversed(self._stack[:-1]):
+            total = m.merge(total)
+        return total
+
+
+def _layout(x, axis, data_format):
+    shape = np.shape(x)
+    if axis is not None and data_format is not None:
+        raise ValueError(f"axis, data_format: expected one of them, got axis={axis!r} and "
+                         f"data_format={data_format!r}")
+    if data_format is not None:
+        return Layout.from_data_format(shape, data_format)
+    return Layout.from_axis(shape, -1 if axis is None else axis)
+
+
+def moments(x, axis=None, data_format=None, backend="numpy"):
+    """:meth:`Moments.from_array`: per-channel moments of x (channel axis ``axis``, default -1)."""
+    return Moments.from_array(x, axis, data_format, backend)
+
+
+def moments_of_shards(shards, axis=None, data_format=None, backend="numpy", workers=None):
+    """Exact moments of a data set given shard by shard, in one streaming pass.
+
+    ``shards`` is any iterable of arrays, or of zero-argument callables that load
+    one (then the loading runs in the worker threads too).  Up to ``workers``
+    shards (default: the CPU count) are reduced in parallel threads, and at
+    most 2 * workers are in memory at once.  The merge is pairwise in the
+    shards' order, so the result is the same for any number of workers.
+    """
+    workers = (os.cpu_count() or 1) if workers is None else _count(workers, "workers")
+    if workers < 1:
+        raise ValueError(f"workers: expected at least 1, got {workers}")
+    acc = MomentsAccumulator(axis, data_format, backend)
+
+    def one(shard):
+        x = shard() if callable(shard) else shard
+        return Moments.from_array(x, axis, data_format, backend)
+
+    if workers == 1:
+        for shard in shards:
+            acc.add_moments(one(shard))
+        return acc.result()
+    pending = collections.deque()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        try:
+            for shard in shards:
+                pending.append(pool.submit(one, shard))
+                if len(pending) >= 2 * workers:
+                    acc.add_moments(pending.popleft().result())
+            while pending:
+                acc.add_moments(pending.popleft().result())
+        finally:
+            for f in pending:
+                f.cancel()
+    return acc.result()
+
+
+# --- the frameworks' cross-replica merges ----------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class MergeResult:
+    """One framework's merged batch statistics, and their error against a reference.
+
+    ``mean`` and ``variance`` (biased, what the framework normalises with) hold
+    the framework's values (in its dtype) as float64; ``reference`` is the exact
+    merge unless another was given.  Errors are the worst channel's:
+    ``mean_error`` = |mean - ref| / max(|ref mean|, ref std) and
+    ``variance_error`` = |var - ref var| / ref var (NaN counts as infinite).
+    """
+    method: str
+    dtype: str
+    count: int
+    mean: np.ndarray
+    variance: np.ndarray
+    reference: Moments
+
+    @property
+    def mean_error(self):
+        ref = self.reference
+        return _rel_error(self.mean, ref.mean, np.maximum(np.abs(ref.mean), ref.std))
+
+    @property
+    def variance_error(self):
+        return _rel_error(self.variance, self.reference.variance, self.reference.variance)
+
+    def __repr__(self):
+        return (f"MergeResult({self.method}, {self.dtype}: mean error {self.mean_error:.3g}, "
+                f"variance error {self.variance_error:.3g})")
+
+
+def _rel_error(actual, expected, scale):
+    diff = np.abs(np.asarray(actual, np.float64) - expected)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(diff == 0, 0.0, diff / scale)
+    rel = np.where(np.isnan(rel), np.inf, rel)
+    return float(rel.max())
+
+
+def _shard_list(shards):
+    if isinstance(shards, Moments):
+        raise TypeError("shards: expected a sequence of Moments (one per replica), got a single Moments")
+    try:
+        shards = list(shards)
+    except TypeError:
+        raise TypeError(f"shards: expected a sequence of Moments, got {type(shards).__name__}") from None
+    if not shards:
+        raise ValueError("shards: expected at least one replica's Moments, got none")
+    for i, m in enumerate(shards):
+        if not isinstance(m, Moments):
+            raise TypeError(f"shards[{i}]: expected a Moments, got {type(m).__name__}")
+        if m.channels != shards[0].channels:
+            raise ValueError(f"shards[{i}]: expected {shards[0].channels} channels (as shards[0]), "
+                             f"got {m.channels}")
+    return shards
+
+
+def _keras_sync(shards, dt, epsilon):
+    """all-reduce SUM of (sum x, sum x^2, count) in dt, in replica order; E[x^2] - E[x]^2."""
+    c = shards[0].channels
+    total, total_sq, count = np.zeros(c, dt), np.zeros(c, dt), np.zeros(c, dt)
+    for m in shards:
+        s, s2 = m.sums()
+        total, total_sq, count = total + s.astype(dt), total_sq + s2.astype(dt), count + dt.type(m.count)
+    safe = np.where(count == 0, dt.type(1), count)  # tf.math.divide_no_nan
+    mean, mean_sq = eq.mean_and_mean_square(safe, total, total_sq)
+    mean, mean_sq = np.where(count == 0, dt.type(0), mean), np.where(count == 0, dt.type(0), mean_sq)
+    return mean, eq.variance_from_mean_square(mean, mean_sq)
+
+
+def _torch_sync(shards, dt, epsilon):
+    """gather (mean, invstd, count); drop count-0 replicas; Chan's merge in dt, in replica order."""
+    c = shards[0].channels
+    eps = dt.type(epsilon)
+    avg, var_n, n = np.zeros(c, dt), np.zeros(c, dt), 0
+    for m in shards:
+        if m.count < 1:
+            continue
+        mean = m.mean.astype(dt)
+        # batch_norm_stats: invstd = 1 / sqrt(var + eps), var + eps formed in double, rounded to dt
+        invstd = eq.inv_std(m.variance.astype(dt).astype(np.float64), epsilon).astype(dt)
+        count = dt.type(m.count)
+        m2 = eq.variance_from_inv_std(invstd, eps) * count
+        _, avg, var_n = eq.chan_merge_weighted(dt.type(n), avg, var_n, count, mean, m2)
+        n += m.count
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return avg, var_n / dt.type(n)
+
+
+def _flax_pmean(shards, dt, epsilon):
+    """pmean (psum in dt, then / replicas) of each replica's mean(x) and mean(x^2)."""
+    c = shards[0].channels
+    mu, mu2 = np.zeros(c, dt), np.zeros(c, dt)
+    for m in shards:
+        if m.count == 0:  # jnp.mean of no values
+            local, local_sq = np.full(c, np.nan, dt), np.full(c, np.nan, dt)
+        else:
+            local, local_sq = eq.mean_and_mean_square(m.count, *m.sums())
+        mu, mu2 = mu + local.astype(dt), mu2 + local_sq.astype(dt)
+    r = dt.type(len(shards))
+    mu, mu2 = mu / r, mu2 / r
+    return mu, eq.variance_from_mean_square(mu, mu2)
+
+
+def _exact(shards, dt, epsilon):
+    total = Moments.merge_all(shards)
+    if total.count == 0:
+        return np.zeros(total.channels), np.full(total.channels, np.nan)
+    return total.mean, total.variance
+
+
+_EMULATIONS = {"exact": _exact, "keras_sync": _keras_sync, "torch_sync": _torch_sync,
+               "flax_pmean": _flax_pmean}
+
+
+def merge(shards, method="exact", dtype="float32", epsilon=1e-5, reference=None):
+    """Merge the replicas' Moments as a framework does; returns a :class:`MergeResult`.
+
+    ``shards``: one Moments per replica, in replica order.  ``method``: one of
+    ``"exact"``, ``"keras_sync"``, ``"torch_sync"``, ``"flax_pmean"``.
+    ``dtype``: the framework's statistics dtype, float32 (its choice for
+    float16, bfloat16 and float32 inputs) or float64; ``"exact"`` is always
+    float64.  ``epsilon``: BatchNorm's epsilon, used only by ``"torch_sync"``
+    (its invstd round trip).  ``reference``: the Moments to judge against
+    (default: the exact merge of ``shards``).
+    """
+    shards = _shard_list(shards)
+    validate.choice(method, "method", METHODS)
+    dt = dtypes.parse(dtype)
+    if dt not in (dtypes.float32, dtypes.float64):
+        raise ValueError(f"dtype: expected float32 or float64 (the frameworks' statistics dtypes), "
+                         f"got {dt.name}")
+    epsilon = validate.epsilon(epsilon)
+    if reference is None:
+        reference = Moments.merge_all(shards)
+    elif not isinstance(reference, Moments):
+        raise TypeError(f"reference: expected a Moments, got {type(reference).__name__}")
+    if method == "exact":
+        dt = dtypes.float64
+    mean, var = _EMULATIONS[method](shards, dt, epsilon)
+    return MergeResult(method, dt.name, sum(m.count for m in shards),
+                       np.asarray(mean, np.float64), np.asarray(var, np.float64), reference)
+
+
+# --- the measurements in the README ----------------------------------------------------------
+
+def _error_cases(rng):
+    """(name, list of float32 shards of shape (n_i, C)) for the accuracy table."""
+    c = 4
+
+    def normal(loc, scale, *sizes):
+        return [rng.normal(loc, scale, (n, c)).astype(np.float32) for n in sizes]
+
+    return [
+        ("N(0,1), 4 equal shards of 16384", normal(0.0, 1.0, 16384, 16384, 16384, 16384)),
+        ("N(0,1), uneven shards: 1 + 1000", normal(0.0, 1.0, 1, 1000)),
+        ("N(0,1), uneven: 3 + 5 + 0 (an empty replica)", normal(0.0, 1.0, 3, 5, 0)),
+        ("N(1e4, 0.01^2), 4 equal shards of 16384", normal(1e4, 0.01, 16384, 16384, 16384, 16384)),
+        ("N(1e6, 1), 4 equal shards of 16384", normal(1e6, 1.0, 16384, 16384, 16384, 16384)),
+        ("N(0, 1e-4^2) (var 1e-8 << eps 1e-5), 4 x 16384",
+         normal(0.0, 1e-4, 16384, 16384, 16384, 16384)),
+    ]
+
+
+def merge_error_table(seed=0, dtype="float32", epsilon=1e-5, backend="numpy"):
+    """Each method's error against float64 two-pass moments of all the data, on the
+    README's data sets.  Returns a list of dicts (case, counts, method, mean_error,
+    variance_error)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for name, shards in _error_cases(rng):
+        per = [Moments.from_array(s, axis=-1, backend=backend) for s in shards]
+        truth = Moments.from_array(np.concatenate(shards), axis=-1, backend="numpy")
+        for method in METHODS:
+            r = merge(per, method, dtype=dtype, epsilon=epsilon, reference=truth)
+            rows.append({"case": name, "counts": [m.count for m in per], "method": method,
+                         "mean_error": r.mean_error, "variance_error": r.variance_error})
+    return rows
