@@ -109,13 +109,15 @@ def _free_ports(k):
             s.close()
 
 
-def _launch(args, log_path):
+def _launch(args, log_path, pids=None):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
     env.pop("TF_CONFIG", None)
     log = open(log_path, "wb")
     proc = subprocess.Popen([sys.executable, "-m", "refbn.compare._dist_worker", *args],
                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     proc._refbn_log = log
+    if pids is not None:
+        pids.append(proc.pid)
     return proc
 
 
@@ -139,10 +141,11 @@ def _tail(path, n=25):
     return "\n".join(lines[-n:])
 
 
-def run_tf(engines, outdir, timeout):
+def run_tf(engines, outdir, timeout, pids=None):
     """Start the TF workers of the given engines at once; wait for all of them (at most
     ``timeout`` seconds), kill every process group on the way out.  One group of
-    processes per engine and replica count.  Returns {group: error text or None}."""
+    processes per engine and replica count.  Returns {group: error text or None}.
+    ``pids``: a list to which the workers' process ids are appended."""
     procs = {}  # group name -> [(proc, log)]; a group's cases fail together
     try:
         for engine in engines:
@@ -151,14 +154,14 @@ def run_tf(engines, outdir, timeout):
                 base = ["--engine", engine, "--replicas", str(replicas), "--outdir", outdir]
                 if engine == "mirrored":
                     log = os.path.join(outdir, f"{group}.log")
-                    procs[group] = [(_launch(base, log), log)]
+                    procs[group] = [(_launch(base, log, pids), log)]
                 else:
                     ports = ",".join(map(str, _free_ports(replicas)))
                     procs[group] = []
                     for i in range(replicas):
                         log = os.path.join(outdir, f"{group}.w{i}.log")
                         procs[group].append(
-                            (_launch(base + ["--index", str(i), "--ports", ports], log), log))
+                            (_launch(base + ["--index", str(i), "--ports", ports], log, pids), log))
         deadline = time.monotonic() + timeout
         errors = {}
         for group, plist in procs.items():
