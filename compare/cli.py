@@ -5,6 +5,7 @@
     refbn verify 'n27h131w127c6:f32:NHWC:train:eaf0.6' --tf-kernel eigen
     refbn verify resnet50 --backend numba --json out.json
     refbn verify --list | --divergences
+    refbn verify --distributed                    # synchronized BN on tf.distribute
 
 Exit status: 0 when no case FAILs, 1 otherwise, 2 for a usage error or when
 TensorFlow cannot be started.
@@ -31,6 +32,9 @@ def configure(p):
     p.add_argument("--detail", action="store_true", help="print every output's metrics for every case")
     p.add_argument("--list", action="store_true", help="print the registered cases and exit")
     p.add_argument("--divergences", action="store_true", help="explain the documented TF divergences and exit")
+    p.add_argument("--distributed", action="store_true",
+                   help="check refbn's synchronized-BN merge against Keras' BatchNormalization(synchronized=True) "
+                        "on tf.distribute (MirroredStrategy, MultiWorkerMirroredStrategy) and exit")
     return p
 
 
@@ -55,6 +59,9 @@ def main(args):
     if args.divergences:
         con.print(report.divergences_table())
         return 0
+    if getattr(args, "distributed", False):
+        from . import distributed
+        return distributed.main(args)
     try:
         selected = select(args.cases, args.fast, args.seed)
     except cases_mod.DescriptorError as e:

@@ -403,18 +403,20 @@ def to_json(reports):
 
 
 def main(args=None):
-    """Entry point: ``python -m refbn.compare.distributed`` (argv list) or the CLI (a Namespace)."""
+    """Entry point: ``python -m refbn.compare.distributed`` (an argv list) or ``refbn verify
+    --distributed`` (its Namespace; options it lacks take their defaults here)."""
     if not isinstance(args, argparse.Namespace):
         p = argparse.ArgumentParser(prog="python -m refbn.compare.distributed",
                                     description=__doc__.splitlines()[0])
         configure(p)
         args = p.parse_args(args)
-    engines = tuple(e for e in args.engines.split(",") if e)
+    engines = tuple(e for e in getattr(args, "engines", ",".join(ENGINES)).split(",") if e)
     t0 = time.perf_counter()
-    reports = run(engines, backend=args.backend, timeout=args.timeout, keep=args.keep)
+    reports = run(engines, backend=getattr(args, "backend", "numpy"),
+                  timeout=getattr(args, "timeout", 240.0), keep=getattr(args, "keep", None))
     print_report(reports)
     print(f"{len(reports)} distributed cases in {time.perf_counter() - t0:.1f} s")
-    if args.json:
+    if getattr(args, "json", None):
         with open(args.json, "w") as f:
             json.dump(to_json(reports), f, indent=1)
     return 0 if reports and all(r.passed for r in reports) else 1
