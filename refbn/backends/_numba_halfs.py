@@ -1,0 +1,136 @@
+"""float16 / bfloat16 inside numba kernels, which support neither type.
+
+Half-precision arrays reach the kernels as uint16 views of their bits, with
+a ``kind`` flag (BF16 or F16).  ``decode`` turns one stored value (a float,
+or the bits of a half) into float64; ``encode`` rounds a float64 to the
+array's storage type.  The conversions are integer and float32 arithmetic
+only (no F16C instruction or compiler-runtime call is assumed):
+
+* bfloat16 -> float32 is the bits shifted left by 16; float32 -> bfloat16
+  rounds to nearest even on the dropped 16 bits (NaN stays NaN).
+* float16 -> float32 rebiases the exponent with one float multiply, which
+  also handles subnormals; float32 -> float16 is round to nearest even with
+  overflow to Inf and correctly rounded subnormals (the well-known method
+  of F. Giesen, "float_to_half_fast3_rtne").
+
+float64 -> half goes through float32, i.e. it rounds twice; the second
+rounding can differ from a single rounding only on exact ties of the half
+format, by one half-ulp (covered by the numba tolerances).
+"""
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+NATIVE, BF16, F16 = 0, 1, 2
+
+
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):      # the low 32 bits, reinterpreted
+        low = args[0]
+        if bits.bitwidth != 32:
+            low = builder.trunc(low, ir.IntType(32))
+        return builder.bitcast(low, ir.FloatType())
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def _bits_from_f32(typingctx, value):
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.uint32(value), codegen
+
+
+_F16_REBIAS = np.float32(2.0 ** 112)      # 2^(127 - 15): float16 exponent bias -> float32's
+
+
+@njit(inline="always")
+def _f16_to_f32(h):
+    em = np.uint32(h) & np.uint32(0x7FFF)
+    sign = (np.uint32(h) & np.uint32(0x8000)) << np.uint32(16)
+    if em >= np.uint32(0x7C00):                                  # Inf / NaN
+        return _f32_from_bits(sign | np.uint32(0x7F800000) | ((em & np.uint32(0x3FF)) << np.uint32(13)))
+    f = _f32_from_bits(em << np.uint32(13)) * _F16_REBIAS            # normals and subnormals
+    return _f32_from_bits(_bits_from_f32(f) | sign)
+
+
+_F32_INF = np.uint32(255 << 23)
+_F16_MAX = np.uint32((127 + 16) << 23)                 # 65536.0: everything above rounds to Inf
+_DENORM_MAGIC = np.uint32(((127 - 15) + (23 - 10) + 1) << 23)
+_SMALLEST_NORMAL = np.uint32(113 << 23)                # 2^-14
+_REBIAS_ROUND = np.uint32(((15 - 127) << 23) & 0xFFFFFFFF) + np.uint32(0xFFF)
+
+
+@njit(inline="always")
+def _f32_to_f16(value):
+    f = _bits_from_f32(value)
+    sign = f & np.uint32(0x80000000)
+    f ^= sign
+    if f >= _F16_MAX:
+        o = np.uint32(0x7E00) if f > _F32_INF else np.uint32(0x7C00)
+    elif f < _SMALLEST_NORMAL:
+        # align the mantissa with one float add (hardware round to nearest even)
+        o = _bits_from_f32(_f32_from_bits(f) + _f32_from_bits(_DENORM_MAGIC)) - _DENORM_MAGIC
+    else:
+        mant_odd = (f >> np.uint32(13)) & np.uint32(1)
+        o = (f + _REBIAS_ROUND + mant_odd) >> np.uint32(13)
+    return np.uint16(o | (sign >> np.uint32(16)))
+
+
+@njit(inline="always")
+def _f32_to_bf16(value):
+    f = _bits_from_f32(value)
+    if (f & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):       # NaN: keep it quiet
+        return np.uint16((f >> np.uint32(16)) | np.uint32(0x40))
+    return np.uint16((f + np.uint32(0x7FFF) + ((f >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+def decode(value, kind):
+    """float64 of a stored value (a float, or the bits of a half of the given kind)."""
+
+
+@overload(decode)
+def _decode(value, kind):
+    if isinstance(value, types.Integer):
+        def impl(value, kind):
+            if kind == BF16:
+                return np.float64(_f32_from_bits(np.uint32(value) << np.uint32(16)))
+            return np.float64(_f16_to_f32(value))
+        return impl
+    if isinstance(value, types.Float):
+        return lambda value, kind: np.float64(value)
+    return None
+
+
+def encode(value, like, kind):
+    """A float64 rounded to the element type of the array ``like``."""
+
+
+@overload(encode)
+def _encode(value, like, kind):
+    dt = like.dtype
+    if isinstance(dt, types.Integer):
+        def impl(value, like, kind):
+            if kind == BF16:
+                return _f32_to_bf16(np.float32(value))
+            return _f32_to_f16(np.float32(value))
+        return impl
+    if dt == types.float32:
+        return lambda value, like, kind: np.float32(value)
+    if dt == types.float64:
+        return lambda value, like, kind: np.float64(value)
+    return None
+
+
+def storage(a):
+    """(array the kernels can take, kind): half arrays become uint16 views."""
+    if a.dtype.itemsize == 2:
+        return a.view(np.uint16), (F16 if a.dtype == np.float16 else BF16)
+    return a, NATIVE

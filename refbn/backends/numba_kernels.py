@@ -1,0 +1,336 @@
+"""The numba backend: parallel, cache-aware kernels, float64 accumulation.
+
+Same interface as :mod:`refbn.backends.numpy_ref` (see
+:mod:`refbn.backends`); the per-channel maths between the passes stays in
+:mod:`refbn.equations`, and the elementwise forms the kernels apply are
+``equations.batch_norm`` and ``equations.batch_norm_backward`` themselves,
+compiled by numba.  Only the reductions are written here.
+
+Layouts.  Every layout arrives as the canonical (outer, C, inner) view:
+
+* inner == 1 (NC, NWC, NHWC, NDHWC): a (rows, C) matrix, cut into blocks of
+  rows; the loop over C is the vectorised one.  Few channels (C < 32) would
+  leave that loop short, so the matrix is viewed as (rows/k, k*C) with the
+  per-channel vectors tiled k times ("virtual channels"), and the k partial
+  sums of each channel are added afterwards.
+* inner > 1 (NCW, NCHW, NCDHW): each (n, c) plane is a contiguous run,
+  cut into chunks; the loop along a chunk is the vectorised one.
+
+Either way no transpose is made, and a half-precision x is read as its
+uint16 bits and converted inside the loops (see ``_numba_halfs``).
+
+Accuracy.  Every value is widened to float64 before it is used.  The
+moments take one pass over x, summing d = x - K and d*d per channel, where
+the shift K is the channel's first value; partial sums are kept per block
+(a few thousand values) and added in float64 at the end.  For float32 and
+narrower data d and d*d are exact in float64, and the mean and biased
+variance follow from :func:`refbn.equations.shifted_moments`, whose
+cancellation is bounded by (n - 1) because K is one of the values; in
+practice the relative error of the variance is ~1e-15 even on N(1e6, 1)
+data.  Channels whose statistics are not finite (NaN/Inf in x) are
+recomputed by the numpy reference, so NaN/Inf land exactly where the
+reference puts them.
+
+Speed.  Training forward = one reading pass (moments) plus one read-and-
+write pass (y); backward = one pass over dy and x for the sums plus one
+for dx.  The second pass walks the blocks in reverse order, so it starts on
+the data the first pass touched last, which is still in the last-level
+cache.
+"""
+import types
+
+import numpy as np
+from numba import njit, prange
+
+from .. import equations as eq
+from . import numpy_ref
+from ._numba_halfs import decode, encode, storage
+
+_BLOCK_VALUES = 1 << 14      # values per block / chunk: a block's partial sums stay small,
+#                              and 2 threads get hundreds of blocks to share
+_MIN_VIRTUAL_CHANNELS = 64   # channels-last with fewer channels is viewed as k*C virtual channels
+
+_PARALLEL_MIN_VALUES = 1 << 17   # smaller inputs run on one thread: waking threads costs more
+
+_batch_norm = njit(eq.batch_norm)
+_batch_norm_backward = njit(eq.batch_norm_backward)
+_REDUCE = {"reassoc", "contract"}   # reductions may be reordered (vectorised), nothing else
+_FMA = {"contract"}               # elementwise: a*b + c may become one fused multiply-add
+
+
+class _Kernel:
+    """A kernel compiled twice (lazily, cached on disk): with ``prange`` run in parallel, and
+    as a plain loop for small inputs.  The serial build is a copy of the function under another
+    name, because numba's on-disk cache tells builds apart by name, not by compile options."""
+
+    def __init__(self, fn, fastmath):
+        serial = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
+                                    fn.__defaults__, fn.__closure__)
+        serial.__qualname__ = fn.__qualname__ + "_serial"
+        self.parallel = njit(parallel=True, cache=True, fastmath=fastmath)(fn)
+        self.serial = njit(cache=True, fastmath=fastmath)(serial)
+        self.__doc__ = fn.__doc__
+
+    def __call__(self, size, *args):
+        (self.parallel if size >= _PARALLEL_MIN_VALUES else self.serial)(*args)
+
+
+def _kernel(fastmath):
+    return lambda fn: _Kernel(fn, fastmath)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels on (rows, C) matrices: channels last
+# ----------------------------------------------------------------------------------------------
+@njit(cache=True)
+def _zeros_aligned(n):
+    """n float64 zeros starting on a 64-byte boundary (whole-vector loads and stores)."""
+    buf = np.zeros(n + 8)
+    start = ((64 - buf.ctypes.data % 64) % 64) // 8
+    return buf[start:start + n]
+
+
+@_kernel(_REDUCE)
+def _sums_last(p, q, kind, shift_p, shift_q, rows, out1, out2):
+    """Per block b of ``rows`` rows: out1[b] = sum(p - shift_p), out2[b] = sum((p - shift_p) * (q - shift_q)).
+
+    Four rows at a time, so the running sums (in memory: C is not known when
+    compiling) are loaded and stored once per four values."""
+    total, channels = p.shape
+    for b in prange(out1.shape[0]):
+        s1 = _zeros_aligned(channels)
+        s2 = _zeros_aligned(channels)
+        end = min(total, (b + 1) * rows)
+        r = b * rows
+        while r + 4 <= end:
+            for c in range(channels):
+                sp = shift_p[c]
+                sq = shift_q[c]
+                u0 = decode(p[r, c], kind) - sp
+                u1 = decode(p[r + 1, c], kind) - sp
+                u2 = decode(p[r + 2, c], kind) - sp
+                u3 = decode(p[r + 3, c], kind) - sp
+                s1[c] += (u0 + u1) + (u2 + u3)
+                s2[c] += ((u0 * (decode(q[r, c], kind) - sq) + u1 * (decode(q[r + 1, c], kind) - sq))
+                          + (u2 * (decode(q[r + 2, c], kind) - sq) + u3 * (decode(q[r + 3, c], kind) - sq)))
+            r += 4
+        for rr in range(r, end):
+            for c in range(channels):
+                u = decode(p[rr, c], kind) - shift_p[c]
+                s1[c] += u
+                s2[c] += u * (decode(q[rr, c], kind) - shift_q[c])
+        out1[b, :] = s1
+        out2[b, :] = s2
+
+
+@_kernel(_FMA)
+def _scale_shift_last(x, kind, mean, y_coef, offset, rows, y):
+    total, channels = x.shape
+    blocks = (total + rows - 1) // rows
+    for t in prange(blocks):
+        b = blocks - 1 - t          # reverse: start where the moments pass ended (still cached)
+        for r in range(b * rows, min(total, (b + 1) * rows)):
+            for c in range(channels):
+                v = _batch_norm(decode(x[r, c], kind) - mean[c], y_coef[c], offset[c])
+                y[r, c] = encode(v, y, kind)
+
+
+@_kernel(_FMA)
+def _grad_apply_last(dy, x, kind, mean, a, b_, c_, rows, dx):
+    total, channels = x.shape
+    blocks = (total + rows - 1) // rows
+    for t in prange(blocks):
+        b = blocks - 1 - t
+        for r in range(b * rows, min(total, (b + 1) * rows)):
+            for c in range(channels):
+                coefs = eq.BackwardCoefficients(a[c], b_[c], c_[c], 0.0, 0.0)
+                v = _batch_norm_backward(decode(dy[r, c], kind), decode(x[r, c], kind) - mean[c], coefs)
+                dx[r, c] = encode(v, dx, kind)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels on (N, C, inner) arrays: channels first; work item = (n, c, chunk of the plane)
+# ----------------------------------------------------------------------------------------------
+@_kernel(_REDUCE)
+def _sums_first(p, q, kind, shift_p, shift_q, chunk, out1, out2):
+    """out1[n, c, j] = sum(p - shift_p[c]), out2[n, c, j] = sum((p - shift_p[c]) * (q - shift_q[c]))
+    over chunk j of plane (n, c)."""
+    outer, channels, inner = p.shape
+    chunks = out1.shape[2]
+    for t in prange(outer * channels * chunks):
+        j = t % chunks
+        c = (t // chunks) % channels
+        n = t // (chunks * channels)
+        sp = shift_p[c]
+        sq = shift_q[c]
+        # slices, so that indices start at 0: numba's negative-index check then folds away
+        pp = p[n, c, j * chunk:(j + 1) * chunk]
+        qq = q[n, c, j * chunk:(j + 1) * chunk]
+        s1 = 0.0
+        s2 = 0.0
+        for i in range(pp.shape[0]):
+            u = decode(pp[i], kind) - sp
+            s1 += u
+            s2 += u * (decode(qq[i], kind) - sq)
+        out1[n, c, j] = s1
+        out2[n, c, j] = s2
+
+
+@_kernel(_FMA)
+def _scale_shift_first(x, kind, mean, y_coef, offset, chunk, y):
+    outer, channels, inner = x.shape
+    chunks = (inner + chunk - 1) // chunk
+    items = outer * channels * chunks
+    for t in prange(items):
+        u = items - 1 - t
+        j = u % chunks
+        c = (u // chunks) % channels
+        n = u // (chunks * channels)
+        m = mean[c]
+        k = y_coef[c]
+        o = offset[c]
+        xx = x[n, c, j * chunk:(j + 1) * chunk]
+        yy = y[n, c, j * chunk:(j + 1) * chunk]
+        for i in range(xx.shape[0]):
+            yy[i] = encode(_batch_norm(decode(xx[i], kind) - m, k, o), y, kind)
+
+
+@_kernel(_FMA)
+def _grad_apply_first(dy, x, kind, mean, a, b_, c_, chunk, dx):
+    outer, channels, inner = x.shape
+    chunks = (inner + chunk - 1) // chunk
+    items = outer * channels * chunks
+    for t in prange(items):
+        u = items - 1 - t
+        j = u % chunks
+        c = (u // chunks) % channels
+        n = u // (chunks * channels)
+        m = mean[c]
+        coefs = eq.BackwardCoefficients(a[c], b_[c], c_[c], 0.0, 0.0)
+        gg = dy[n, c, j * chunk:(j + 1) * chunk]
+        xx = x[n, c, j * chunk:(j + 1) * chunk]
+        dd = dx[n, c, j * chunk:(j + 1) * chunk]
+        for i in range(xx.shape[0]):
+            dd[i] = encode(_batch_norm_backward(decode(gg[i], kind), decode(xx[i], kind) - m, coefs), dx, kind)
+
+
+# ----------------------------------------------------------------------------------------------
+# dispatch: canonical views -> kernels
+# ----------------------------------------------------------------------------------------------
+def _f64c(v):
+    return np.ascontiguousarray(v, dtype=np.float64)
+
+
+def _virtual(rows, channels):
+    """k such that a (rows, C) matrix is processed as (rows/k, k*C); 1 when C is wide enough."""
+    if channels >= _MIN_VIRTUAL_CHANNELS:
+        return 1
+    return max(1, min(rows, -(-_MIN_VIRTUAL_CHANNELS // channels)))
+
+
+def _row_parts(a2, k):
+    """[(matrix, copies)]: the first rows - rows % k rows as (rows/k, k*C), the rest as is."""
+    rows, channels = a2.shape
+    main = rows - rows % k
+    parts = []
+    if main:
+        parts.append((a2[:main].reshape(main // k, k * channels), k))
+    if main < rows:
+        parts.append((a2[main:], 1))
+    return parts
+
+
+def _rows_per_block(width):
+    return max(1, _BLOCK_VALUES // max(1, width))
+
+
+def _sums(p3, q3, shift_p, shift_q):
+    """sum(p - shift_p) and sum((p - shift_p) * (q - shift_q)) per channel, float64."""
+    outer, channels, inner = p3.shape
+    (p, kind), (q, _) = storage(p3), storage(q3)
+    shift_p, shift_q = _f64c(shift_p), _f64c(shift_q)
+    sum1 = np.zeros(channels)
+    sum2 = np.zeros(channels)
+    if p.size == 0:
+        return sum1, sum2
+    if inner == 1:
+        p2, q2 = p.reshape(outer, channels), q.reshape(outer, channels)
+        k = _virtual(outer, channels)
+        for (pp, copies), (qq, _) in zip(_row_parts(p2, k), _row_parts(q2, k)):
+            width = pp.shape[1]
+            rows = _rows_per_block(width)
+            blocks = -(-pp.shape[0] // rows)
+            o1, o2 = np.empty((blocks, width)), np.empty((blocks, width))
+            _sums_last(pp.size, pp, qq, kind, np.tile(shift_p, copies), np.tile(shift_q, copies), rows, o1, o2)
+            sum1 += o1.reshape(blocks * copies, channels).sum(axis=0)
+            sum2 += o2.reshape(blocks * copies, channels).sum(axis=0)
+    else:
+        chunk = _BLOCK_VALUES
+        chunks = -(-inner // chunk)
+        o1, o2 = np.empty((outer, channels, chunks)), np.empty((outer, channels, chunks))
+        _sums_first(p.size, p, q, kind, shift_p, shift_q, chunk, o1, o2)
+        sum1 += o1.sum(axis=(0, 2))
+        sum2 += o2.sum(axis=(0, 2))
+    return sum1, sum2
+
+
+def _output(x3, out3):
+    y3 = np.empty(x3.shape, x3.dtype) if out3 is None else out3
+    return y3, storage(y3)[0]
+
+
+def _elementwise(last_kernel, first_kernel, arrays, vectors, out3):
+    """Run an elementwise kernel on inputs ``arrays`` with per-channel ``vectors``."""
+    x3 = arrays[-1]
+    y3, y = _output(x3, out3)
+    if x3.size == 0:
+        return y3
+    outer, channels, inner = x3.shape
+    stored = [storage(a) for a in arrays]
+    kind = stored[0][1]
+    ins = [s[0] for s in stored]
+    vectors = [_f64c(v) for v in vectors]
+    if inner == 1:
+        k = _virtual(outer, channels)
+        in_parts = [_row_parts(a.reshape(outer, channels), k) for a in ins]
+        out_parts = _row_parts(y.reshape(outer, channels), k)
+        for i, (yy, copies) in enumerate(out_parts):
+            tiled = [np.tile(v, copies) for v in vectors]
+            last_kernel(yy.size, *[parts[i][0] for parts in in_parts], kind, *tiled,
+                        _rows_per_block(yy.shape[1]), yy)
+    else:
+        first_kernel(y.size, *ins, kind, *vectors, _BLOCK_VALUES, y)
+    return y3
+
+
+# ----------------------------------------------------------------------------------------------
+# the backend interface
+# ----------------------------------------------------------------------------------------------
+def moments(x3):
+    """Per-channel mean and biased variance from one shifted pass (see the module docstring)."""
+    outer, channels, inner = x3.shape
+    n = outer * inner
+    shift = np.asarray(x3[0, :, 0], dtype=np.float64)
+    sum_d, sum_d2 = _sums(x3, x3, shift, shift)
+    with np.errstate(invalid="ignore", over="ignore"):
+        mean, var = eq.shifted_moments(shift, sum_d, sum_d2, n)
+    bad = ~(np.isfinite(mean) & np.isfinite(var))
+    if bad.any():   # NaN/Inf in x: let the reference decide where they go
+        mean[bad], var[bad] = numpy_ref.moments(np.ascontiguousarray(x3[:, bad, :]))
+    return mean, var
+
+
+def scale_shift(x3, mean, y_coef, offset, out3=None):
+    """y = (x - mean) * y_coef + offset."""
+    return _elementwise(_scale_shift_last, _scale_shift_first, [x3], [mean, y_coef, offset], out3)
+
+
+def grad_sums(dy3, x3, mean):
+    """sum(dy) and sum(dy * (x - mean)) per channel."""
+    return _sums(dy3, x3, np.zeros(x3.shape[1]), mean)
+
+
+def grad_apply(dy3, x3, mean, coefs, out3=None):
+    """dx = a*dy + b*(x - mean) + c."""
+    return _elementwise(_grad_apply_last, _grad_apply_first, [dy3, x3],
+                        [mean, coefs.dx_coef_dy, coefs.dx_coef_xc, coefs.dx_coef_0], out3)
