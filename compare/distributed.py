@@ -351,22 +351,22 @@ def run(engines=ENGINES, backend="numpy", timeout=240, keep=None):
 def table(reports):
     from rich.table import Table
 
-    t = Table(title="Synchronized BatchNormalization: TF's run vs refbn's keras_sync replay "
-                    "(errors in float32 eps; variance errors vs the exact merge, relative)")
-    for col in ("case", "values/channel per replica", "worst output", "eps (allowed)",
-                "TF var err", "keras_sync", "torch_sync", "flax_pmean", "verdict"):
-        t.add_column(col, justify="left" if col in ("case", "worst output") else "right")
+    t = Table(title="Keras BatchNormalization(synchronized=True) on tf.distribute vs refbn's keras_sync replay",
+              caption="worst: the output furthest from refbn, in float32 eps (allowed); "
+                      "var err: relative error of the merged variance vs the exact merge (worst step)")
+    for col in ("case", "values/channel", "worst eps (allowed)", "TF var err", "keras_sync",
+                "torch_sync", "flax_pmean", "verdict"):
+        t.add_column(col, justify="left" if col in ("case", "values/channel") else "right")
     for rep in reports:
         if rep.error:
-            t.add_row(rep.case.name, rep.case.describe, "-", "-", "-", "-", "-", "-",
-                      "[red]ERROR[/red]")
+            t.add_row(rep.case.name, rep.case.describe, "-", "-", "-", "-", "-", "[red]ERROR[/red]")
             continue
         worst = max(rep.worst.values(), key=lambda c: c.max_ulps / c.allowed_ulps)
         me = rep.merge_errors
-        t.add_row(rep.case.name, "+".join(map(str, rep.counts)), worst.output,
-                  f"{worst.max_ulps:.3g} ({worst.allowed_ulps:g})", f"{rep.tf_variance_error:.2g}",
-                  f"{me['keras_sync']:.2g}", f"{me['torch_sync']:.2g}", f"{me['flax_pmean']:.2g}",
-                  "[green]pass[/green]" if rep.passed else "[red]FAIL[/red]")
+        t.add_row(rep.case.name, "+".join(map(str, rep.counts)),
+                  f"{worst.output} {worst.max_ulps:.2g} ({worst.allowed_ulps:g})",
+                  f"{rep.tf_variance_error:.1e}", f"{me['keras_sync']:.1e}", f"{me['torch_sync']:.1e}",
+                  f"{me['flax_pmean']:.1e}", "[green]pass[/green]" if rep.passed else "[red]FAIL[/red]")
     return t
 
 
@@ -374,6 +374,9 @@ def print_report(reports, console=None):
     from rich.console import Console
 
     console = console or Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 130)
+    console.print(stats.error_table())
     console.print(table(reports))
     for rep in reports:
         if rep.error:

@@ -458,3 +458,37 @@ def merge_error_table(seed=0, dtype="float32", epsilon=1e-5, backend="numpy"):
             rows.append({"case": name, "counts": [m.count for m in per], "method": method,
                          "mean_error": r.mean_error, "variance_error": r.variance_error})
     return rows
+
+
+def error_table(rows=None):
+    """:func:`merge_error_table` as a rich Table (one row per data set, one column per method)."""
+    from rich.table import Table
+
+    rows = merge_error_table() if rows is None else rows
+    t = Table(title="Cross-replica merges in float32: relative error of the merged variance (mean error "
+                    "in brackets, in units of max(|mean|, std)) vs float64 moments of all the data")
+    t.add_column("data (float32)")
+    for m in METHODS:
+        t.add_column(m, justify="right")
+    for case in dict.fromkeys(r["case"] for r in rows):
+        cells = {r["method"]: r for r in rows if r["case"] == case}
+        t.add_row(case, *(f"{cells[m]['variance_error']:.1e} ({cells[m]['mean_error']:.0e})"
+                          for m in METHODS))
+    return t
+
+
+def main(argv=None):
+    """``python -m refbn.stats``: print the merge error table."""
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 130)
+    console.print(error_table())
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
