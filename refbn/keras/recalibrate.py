@@ -183,15 +183,19 @@ def _select(model, layers):
     return chosen
 
 
+def _check_mask(layer, kwargs):
+    if kwargs.get("mask") is not None:
+        raise ValueError(f"model: layer {layer.name!r} receives a mask; recalibrating masked "
+                         "BatchNormalization inputs is not supported")
+
+
 def layer_moments(model, layer, data_batches, calls=1, per_batch=False):
     """Exact (count, mean, M2) of ``layer``'s input over the batches, in inference mode with the
     model's current statistics.  With ``per_batch=True`` also returns each batch's Moments."""
     total, each = None, []
 
     def before(lyr, inputs, kwargs):
-        if kwargs.get("mask") is not None:
-            raise ValueError(f"model: layer {lyr.name!r} receives a mask; recalibrating masked "
-                             "BatchNormalization inputs is not supported")
+        _check_mask(lyr, kwargs)
         seen.append(Moments.of(cap.to_numpy(inputs), lyr.axis))
         if len(seen) >= calls:
             raise cap.StopForward
@@ -221,8 +225,9 @@ def recalibrate(model, data, batch_size=32, layers=None, unbiased=False, verbose
       unbiased: write the Bessel-corrected variance instead of the biased one Keras 3 uses.
       verbose: print one line per layer.
 
-    Returns a :class:`Recalibration` with each layer's old and new statistics.  Costs one
-    forward pass per layer and batch, each stopped as soon as the layer's input is known.
+    Returns a :class:`Recalibration` with each layer's old and new statistics.  Cost: when
+    the data are one batch, one forward pass; otherwise one pass over the data per layer, each
+    forward stopped as soon as the layer's input is known (about layers/2 full passes).
     """
     chosen = _select(model, layers)
     n_inputs = len(getattr(model, "inputs", None) or [None])
@@ -232,16 +237,40 @@ def recalibrate(model, data, batch_size=32, layers=None, unbiased=False, verbose
     if missing:
         raise ValueError(f"layers: {', '.join(missing)} not reached by a forward pass of the model")
     result = Recalibration(batches=len(data_batches), samples=sum(_rows(b) for b in data_batches))
-    for i, layer in enumerate(order):
-        m = layer_moments(model, layer, data_batches, calls[id(layer)])
+    saved = cap.statistics(order)
+    try:
+        _recalibrate(model, order, calls, data_batches, unbiased, verbose, result)
+    except BaseException:
+        for layer in order:  # a failed call changes nothing
+            cap.write_statistics(layer, *saved[layer])
+        raise
+    return result
+
+
+def _recalibrate(model, order, calls, data_batches, unbiased, verbose, result):
+
+    def replace(layer, m):
         mean, var = m.mean, m.variance(unbiased)
         old_m, old_v = (cap.to_numpy(v).astype(np.float64) for v in (layer.moving_mean, layer.moving_variance))
         cap.write_statistics(layer, mean, var)
         result.layers.append(LayerStatistics(layer, m, old_m, old_v, mean, var))
         if verbose:
-            print(f"[{i + 1}/{len(order)}] {layer.name}: n={m.count}, mean var {np.mean(old_v):.4g} -> "
-                  f"{np.mean(var):.4g}")
-    return result
+            print(f"[{len(result.layers)}/{len(order)}] {layer.name}: n={m.count}, mean variance "
+                  f"{np.mean(old_v):.4g} -> {np.mean(var):.4g}")
+
+    if len(data_batches) == 1 and all(calls[id(layer)] == 1 for layer in order):
+        # One batch: a single forward pass is exact.  Each layer's hook measures its input and
+        # writes the statistics before the layer runs, so every later layer already receives
+        # the output of recalibrated layers.
+        def before(layer, inputs, kwargs):
+            _check_mask(layer, kwargs)
+            replace(layer, Moments.of(cap.to_numpy(inputs), layer.axis))
+
+        with cap.hooked(order, before=before):
+            cap.run(model, data_batches[0], training=False)
+        return
+    for layer in order:  # one pass over the data per layer, each stopped at the layer
+        replace(layer, layer_moments(model, layer, data_batches, calls[id(layer)]))
 
 
 # -- bias correction ----------------------------------------------------------------

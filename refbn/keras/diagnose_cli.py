@@ -1,0 +1,87 @@
+"""``refbn diagnose MODEL.keras DATA.npz``: which BatchNormalization layers hold stale statistics.
+
+Exit code: 0 when every layer is healthy, 1 when any is not, 2 on bad arguments or files.
+``--json FILE`` (or ``-`` for stdout) writes the full report; ``--recalibrated OUT.keras`` also
+writes a copy of the model with exactly recalibrated statistics.
+"""
+import json
+import os
+import sys
+
+
+def configure(p):
+    p.add_argument("model", help="a Keras model file (.keras), loaded with keras.models.load_model")
+    p.add_argument("data", help="a .npz file holding the inputs (key 'x') and optionally labels (key 'y')")
+    p.add_argument("--x", default="x", help="key of the inputs in DATA.npz (default x)")
+    p.add_argument("--y", default="y", help="key of the labels in DATA.npz, if present (default y)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps the BN layers saw (default: the saved optimizer's iterations)")
+    p.add_argument("--tolerance", type=float, default=0.1,
+                   help="healthy when a layer's output is within this many std of exact (default 0.1)")
+    p.add_argument("--convergence", type=float, default=0.01,
+                   help="'not converged' when the initial values still weigh more than this (default 0.01)")
+    p.add_argument("--json", metavar="FILE", help="write the report as JSON to FILE ('-' for stdout)")
+    p.add_argument("--recalibrated", metavar="OUT", help="also save a recalibrated copy of the model to OUT")
+
+
+def _fail(msg):
+    print(f"refbn diagnose: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def main(args):
+    import numpy as np
+    from rich.console import Console
+
+    for path, what in ((args.model, "MODEL"), (args.data, "DATA")):
+        if not os.path.isfile(path):
+            return _fail(f"{what}: no such file: {path}")
+    try:
+        with np.load(args.data, allow_pickle=False) as npz:
+            keys = list(npz.keys())
+            if args.x not in keys:
+                return _fail(f"DATA: {args.data} has no array {args.x!r} (it has: {', '.join(keys) or 'none'}); "
+                             "use --x KEY")
+            x = npz[args.x]
+            y = npz[args.y] if args.y in keys else None
+    except (OSError, ValueError) as e:
+        return _fail(f"DATA: cannot read {args.data} as a .npz file ({e})")
+
+    from ._backend import keras
+    from .diagnose import diagnose
+    from .recalibrate import recalibrate
+
+    try:
+        model = keras.models.load_model(args.model)
+    except Exception as e:  # noqa: BLE001 - report any loading problem plainly
+        try:
+            model = keras.models.load_model(args.model, compile=False)
+        except Exception:
+            return _fail(f"MODEL: cannot load {args.model} with keras.models.load_model ({e})")
+    to_stdout = args.json == "-"
+    console = Console(stderr=to_stdout)
+    if not console.is_terminal:
+        console = Console(stderr=to_stdout, width=130)
+    try:
+        report = diagnose(model, x, y=y, batch_size=args.batch_size, steps=args.steps,
+                          tolerance=args.tolerance, convergence=args.convergence)
+    except (ValueError, TypeError) as e:
+        return _fail(str(e))
+    console.print(f"{args.model}: {len(report.layers)} BatchNormalization layers, {report.samples} samples "
+                  f"from {args.data}; steps: {report.steps if report.steps is not None else 'unknown'} "
+                  f"({report.steps_source})", highlight=False)
+    report.print(console)
+    if args.json:
+        text = json.dumps(report.as_dict(), indent=2)
+        if to_stdout:
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text + "\n")
+            console.print(f"report written to {args.json}", highlight=False)
+    if args.recalibrated:
+        rec = recalibrate(model, x, batch_size=args.batch_size)
+        model.save(args.recalibrated)
+        console.print(f"{rec.summary()}; saved to {args.recalibrated}", highlight=False)
+    return 0 if report.healthy else 1
