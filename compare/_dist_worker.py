@@ -15,6 +15,9 @@ of gamma and beta all-reduced with SUM and applied by SGD.  Recorded per step
 and replica: x, y, the synchronized batch moments (``keras.ops.moments(...,
 synchronized=True)``, the function the layer calls), and every replica's copy
 of moving_mean, moving_variance, gamma and beta after the step.
+
+Then ``refbn.keras.recalibrate(model, data, strategy=strategy)`` (arrays, and a
+tf.data pipeline) runs on the same strategy, next to the same data as one shard.
 """
 import argparse
 import json
@@ -89,6 +92,29 @@ def _run_case(case, strategy, tf, keras, np, dist, worker_index):
     return out
 
 
+def _recalibrate_check(strategy, tf, keras, np, dist):
+    """refbn.keras.recalibrate with strategy= (arrays and a tf.data pipeline) against the same
+    data as one shard without a strategy.  Returns the arrays to save."""
+    from refbn.keras import sharded
+
+    x = dist.recalibrate_data()
+    out = {}
+    for kind in ("arrays", "dataset"):
+        data = x if kind == "arrays" else tf.data.Dataset.from_tensor_slices(x).batch(16)
+        for how in ("strategy", "one_shard"):
+            model = dist.recalibrate_model(keras)
+            if how == "strategy":
+                res = sharded.recalibrate_sharded(model, data, strategy=strategy, batch_size=16)
+            else:
+                res = sharded.recalibrate_sharded(model, shards=[x], batch_size=16)
+            for i, layer in enumerate(res.layers):
+                out[f"{kind}_{how}_mean_{i}"] = layer.mean
+                out[f"{kind}_{how}_variance_{i}"] = layer.variance
+                out[f"{kind}_{how}_count_{i}"] = np.array(layer.moments.count)
+                out[f"{kind}_{how}_written_{i}"] = np.asarray(layer.layer.moving_variance.numpy())
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--engine", choices=("mirrored", "multiworker"), required=True)
@@ -140,6 +166,10 @@ def main(argv=None):
         out = _run_case(case, strategy, tf, keras, np, dist, worker_index)
         np.savez(os.path.join(args.outdir, f"{case.name}{suffix}.npz"), **out)
         info["cases"][case.name] = {"seconds": time.perf_counter() - t1}
+    t1 = time.perf_counter()
+    out = _recalibrate_check(strategy, tf, keras, np, dist)
+    np.savez(os.path.join(args.outdir, f"recalibrate.{args.engine}{args.replicas}{suffix}.npz"), **out)
+    info["recalibrate_seconds"] = time.perf_counter() - t1
     info["seconds"] = time.perf_counter() - t0
     with open(os.path.join(args.outdir, f"done.{args.engine}{args.replicas}{suffix}.json"), "w") as f:
         json.dump(info, f)

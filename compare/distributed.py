@@ -93,6 +93,33 @@ def case_data(case, step):
             .astype(np.float32) for b in sizes]
 
 
+def recalibrate_data():
+    """Inputs of the recalibration check: 101 samples (shards of unequal size on 2 or 4 replicas)."""
+    return np.random.default_rng(11).normal(3.0, 2.0, (101, 6)).astype(np.float32)
+
+
+def recalibrate_model(keras):
+    """BatchNormalization on the input (its exact statistics are those of the data), then
+    Dense -> BatchNormalization; the same weights every time."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((6,))
+    h = keras.layers.BatchNormalization()(inp)
+    h = keras.layers.Dense(5)(h)
+    h = keras.layers.BatchNormalization()(h)
+    return keras.Model(inp, h)
+
+
+def load_recalibration(outdir, engine, replicas):
+    """The recalibration check's arrays: one dict per process (worker) of the group."""
+    names = ([f"recalibrate.{engine}{replicas}.npz"] if engine == "mirrored" else
+             [f"recalibrate.{engine}{replicas}.w{i}.npz" for i in range(replicas)])
+    out = []
+    for name in names:
+        with np.load(os.path.join(outdir, name)) as z:
+            out.append({k: z[k] for k in z.files})
+    return out
+
+
 # -- running TF ----------------------------------------------------------------------------
 class WorkerError(RuntimeError):
     pass

@@ -8,9 +8,12 @@ import importlib.util
 import os
 import time
 
+import numpy as np
 import pytest
 
 from refbn.compare import distributed as dist
+from refbn.stats import Moments
+from refbn.testing import assert_close
 
 pytestmark = [pytest.mark.tf, pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None
                                                  or importlib.util.find_spec("keras") is None,
@@ -21,14 +24,20 @@ TIMEOUT_S = 300
 
 
 @pytest.fixture(scope="module")
-def tf_run(tmp_path_factory):
-    """TF's recorded runs of every case (both engines at once): {case name: arrays}."""
+def tf_outdir(tmp_path_factory):
+    """Where TF's workers (both engines at once) wrote what they computed."""
     outdir = str(tmp_path_factory.mktemp("dist"))
     pids = []
     errors = dist.run_tf(dist.ENGINES, outdir, TIMEOUT_S, pids=pids)
     assert not any(errors.values()), errors
     _assert_gone(pids)
-    return {name: dist._load(case, outdir) for name, case in CASES.items()}
+    return outdir
+
+
+@pytest.fixture(scope="module")
+def tf_run(tf_outdir):
+    """TF's recorded runs of every case: {case name: arrays}."""
+    return {name: dist._load(case, tf_outdir) for name, case in CASES.items()}
 
 
 def _assert_gone(pids):
@@ -84,3 +93,104 @@ def test_workers_time_out_and_are_cleaned_up(tmp_path):
     assert time.monotonic() - t0 < 30
     assert len(pids) == 2 and "timed out" in errors["multiworker2"]
     _assert_gone(pids)
+
+
+@pytest.mark.parametrize("engine,replicas", [("mirrored", 2), ("mirrored", 4), ("multiworker", 2)])
+def test_recalibrate_with_a_strategy_is_exact(tf_outdir, engine, replicas):
+    """refbn.keras.recalibrate(model, data, strategy=...): each replica reduces its part of the
+    data (arrays: contiguous rows; tf.data: Dataset.shard) and the parts merge exactly."""
+    runs = dist.load_recalibration(tf_outdir, engine, replicas)
+    exact = Moments.from_array(dist.recalibrate_data())
+    std = float(exact.std.max())
+    for run in runs:
+        for kind in ("arrays", "dataset"):
+            s = f"{kind}_strategy"
+            # the first layer normalises the data itself: its statistics are the data's
+            assert int(run[f"{s}_count_0"]) == exact.count
+            assert_close(run[f"{s}_mean_0"], exact.mean, "mean", np.float64, "merge", scale=std)
+            assert_close(run[f"{s}_variance_0"], exact.variance, "variance", np.float64, "merge",
+                         scale=float((exact.std * np.maximum(np.abs(exact.mean), exact.std)).max()))
+            for i in (0, 1):  # every layer: as the same data in one shard, without a strategy
+                one = f"{kind}_one_shard"
+                assert int(run[f"{s}_count_{i}"]) == int(run[f"{one}_count_{i}"])
+                v = run[f"{one}_variance_{i}"]
+                assert_close(run[f"{s}_mean_{i}"], run[f"{one}_mean_{i}"], "mean", np.float64, "merge",
+                             scale=float(np.sqrt(v.max())))
+                assert_close(run[f"{s}_variance_{i}"], v, "variance", np.float64, "merge")
+    if engine == "multiworker":  # every worker merged the same rows in the same order
+        for k in runs[0]:
+            assert np.array_equal(runs[0][k], runs[1][k]), k
+
+
+# -- recalibrate with shards= (in this process) ---------------------------------------------------
+@pytest.fixture(scope="module")
+def keras_mod():
+    from refbn.keras._backend import keras
+    return keras
+
+
+def _recal(keras, **kw):
+    from refbn.keras import sharded
+    model = dist.recalibrate_model(keras)
+    return model, sharded.recalibrate_sharded(model, batch_size=16, **kw)
+
+
+def test_recalibrate_shards_equal_the_whole_data_set(keras_mod):
+    import tensorflow as tf
+
+    x = dist.recalibrate_data()
+    _, whole = _recal(keras_mod, shards=[x])
+    parts = [x[:7], x[7:60], x[60:]]
+    loads = []
+
+    def load():
+        loads.append(1)
+        return parts[1]
+
+    shards = [(parts[0], np.zeros(7)),  # (x, y) as for fit: y is ignored
+              load,                     # loaded again for every layer, never kept
+              tf.data.Dataset.from_tensor_slices(parts[2]).batch(5)]
+    _, res = _recal(keras_mod, shards=shards, workers=3)
+    assert len(loads) == 2  # once per layer (the call order came from shard 0's first batch)
+    for a, b in zip(whole.layers, res.layers):
+        assert a.moments.count == b.moments.count == 101
+        assert_close(b.mean, a.mean, "mean", np.float64, "merge", scale=float(np.sqrt(a.variance.max())))
+        assert_close(b.variance, a.variance, "variance", np.float64, "merge")
+        assert np.array_equal(b.layer.moving_variance.numpy(), b.variance.astype(np.float32))
+    _, serial = _recal(keras_mod, shards=shards, workers=1)
+    for a, b in zip(serial.layers, res.layers):  # the merge order is fixed: threads change nothing
+        assert np.array_equal(a.mean, b.mean) and np.array_equal(a.variance, b.variance)
+
+
+def test_recalibrate_shards_bad_input_changes_nothing(keras_mod):
+    from refbn.keras import sharded
+
+    x = dist.recalibrate_data()
+    model = dist.recalibrate_model(keras_mod)
+    before = [layer.moving_variance.numpy().copy() for layer in sharded.cap.bn_layers(model)]
+
+    def broken():
+        raise OSError("shard 2 could not be read")
+
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) > 1:  # the first layer succeeds, the second fails
+            raise OSError("shard 2 could not be read")
+        return x[:10]
+
+    with pytest.raises(OSError, match="could not be read"):
+        sharded.recalibrate_sharded(model, shards=[x[10:], flaky])
+    with pytest.raises(ValueError, match="exactly one of them"):
+        sharded.recalibrate_sharded(model, x, shards=[x])
+    with pytest.raises(ValueError, match="shards: expected a non-empty list"):
+        sharded.recalibrate_sharded(model, shards=[])
+    with pytest.raises(ValueError, match="workers: expected a positive int"):
+        sharded.recalibrate_sharded(model, shards=[x], workers=0)
+    with pytest.raises(TypeError, match="strategy: expected a tf.distribute strategy"):
+        sharded.recalibrate_sharded(model, x, strategy="mirrored")
+    with pytest.raises(OSError):
+        sharded.recalibrate_sharded(model, shards=[broken])
+    after = [layer.moving_variance.numpy() for layer in sharded.cap.bn_layers(model)]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
