@@ -128,11 +128,11 @@ class Diagnosis:
                 counts[r.verdict] = counts.get(r.verdict, 0) + 1
             kinds = ", ".join(f"{n} {v}" for v, n in counts.items())
             first = bad[0]
-            lines.append(f"{len(bad)} of {len(self.layers)} BatchNormalization layers are unhealthy "
-                         f"({kinds}). The first is {first.name!r} (#{first.index}): {first.reason}.")
             worst = max(bad, key=lambda r: r.output_error)
-            lines.append(f"Worst: {worst.name!r}, output off by {worst.output_error:.3g} standard "
-                         "deviations. Errors compound: each layer passes its distorted output to the next.")
+            lines.append(f"{len(bad)} of {len(self.layers)} BatchNormalization layers are unhealthy ({kinds}). "
+                         f"The distortion starts at {first.name!r} (#{first.index}); the worst is "
+                         f"{worst.name!r}, whose output is off by {worst.output_error:.3g} standard deviations. "
+                         "Errors compound: each layer passes its distorted output to the next.")
             lines.append(f"Remedy: {REMEDIES[first.verdict].split(';')[0]}.")
         if self.accuracy is not None:
             lines.append(f"Accuracy in inference mode: {self.accuracy:.3f} now, "
@@ -164,12 +164,17 @@ class Diagnosis:
         from rich.console import Console
         console = console or Console()
         console.print(self.table())
-        if details:
+        if details and self.unhealthy:
+            console.print("[bold]Why[/bold]", highlight=False)
             for r in self.unhealthy[:5]:
-                console.print(f"[bold]{r.name}[/bold] ({r.verdict}): {r.reason}.\n  remedy: {r.remedy}",
-                              highlight=False)
+                console.print(f"  {r.name} ({r.verdict}): {r.reason}.", highlight=False)
             if len(self.unhealthy) > 5:
-                console.print(f"... and {len(self.unhealthy) - 5} more unhealthy layer(s) (see --json)")
+                console.print(f"  ... and {len(self.unhealthy) - 5} more unhealthy layer(s) (all in the JSON report)")
+            console.print("[bold]What to do[/bold]", highlight=False)
+            for verdict in (NOT_CONVERGED, FROZEN, DRIFTED):
+                r = next((r for r in self.unhealthy if r.verdict == verdict), None)
+                if r is not None:
+                    console.print(f"  {verdict}: {r.remedy}.", highlight=False)
         console.print(self.summary(), highlight=False)
 
 
