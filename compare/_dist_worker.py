@@ -95,7 +95,7 @@ def _run_case(case, strategy, tf, keras, np, dist, worker_index):
 def _recalibrate_check(strategy, tf, keras, np, dist):
     """refbn.keras.recalibrate with strategy= (arrays and a tf.data pipeline) against the same
     data as one shard without a strategy.  Returns the arrays to save."""
-    from refbn.keras import sharded
+    import refbn.keras
 
     x = dist.recalibrate_data()
     out = {}
@@ -104,9 +104,9 @@ def _recalibrate_check(strategy, tf, keras, np, dist):
         for how in ("strategy", "one_shard"):
             model = dist.recalibrate_model(keras)
             if how == "strategy":
-                res = sharded.recalibrate_sharded(model, data, strategy=strategy, batch_size=16)
+                res = refbn.keras.recalibrate(model, data, strategy=strategy, batch_size=16)
             else:
-                res = sharded.recalibrate_sharded(model, shards=[x], batch_size=16)
+                res = refbn.keras.recalibrate(model, shards=[x], batch_size=16)
             for i, layer in enumerate(res.layers):
                 out[f"{kind}_{how}_mean_{i}"] = layer.mean
                 out[f"{kind}_{how}_variance_{i}"] = layer.variance

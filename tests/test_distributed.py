@@ -130,9 +130,10 @@ def keras_mod():
 
 
 def _recal(keras, **kw):
-    from refbn.keras import sharded
+    import refbn.keras
+
     model = dist.recalibrate_model(keras)
-    return model, sharded.recalibrate_sharded(model, batch_size=16, **kw)
+    return model, refbn.keras.recalibrate(model, batch_size=16, **kw)
 
 
 def test_recalibrate_shards_equal_the_whole_data_set(keras_mod):

@@ -212,7 +212,8 @@ def layer_moments(model, layer, data_batches, calls=1, per_batch=False):
     return (total, each) if per_batch else total
 
 
-def recalibrate(model, data, batch_size=32, layers=None, unbiased=False, verbose=False):
+def recalibrate(model, data=None, batch_size=32, layers=None, unbiased=False, verbose=False, *,
+                shards=None, strategy=None, workers=None):
     """Replace the BatchNormalization layers' moving statistics with the exact statistics of
     their inputs over ``data`` ("precise BN"), layer by layer in the order the model calls them.
 
@@ -224,11 +225,21 @@ def recalibrate(model, data, batch_size=32, layers=None, unbiased=False, verbose
       layers: optional names/layers to recalibrate (default: all).
       unbiased: write the Bessel-corrected variance instead of the biased one Keras 3 uses.
       verbose: print one line per layer.
+      shards: instead of ``data``, a list of shards (each anything ``data`` may be, or a
+        zero-argument callable that loads one): reduced in parallel threads (``workers``) and
+        merged exactly, streaming one batch at a time (see :mod:`refbn.keras.sharded`).
+      strategy: a ``tf.distribute`` strategy: ``data`` is split over its replicas, each part
+        runs on its replica's device, and under MultiWorkerMirroredStrategy the workers'
+        statistics are merged exactly across workers (see :mod:`refbn.keras.sharded`).
 
     Returns a :class:`Recalibration` with each layer's old and new statistics.  Cost: when
     the data are one batch, one forward pass; otherwise one pass over the data per layer, each
     forward stopped as soon as the layer's input is known (about layers/2 full passes).
     """
+    if shards is not None or strategy is not None or workers is not None:
+        from .sharded import recalibrate_sharded
+        return recalibrate_sharded(model, data, shards=shards, strategy=strategy, batch_size=batch_size,
+                                   layers=layers, unbiased=unbiased, verbose=verbose, workers=workers)
     chosen = _select(model, layers)
     n_inputs = len(getattr(model, "inputs", None) or [None])
     data_batches = batches(data, batch_size, n_inputs)
