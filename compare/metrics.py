@@ -30,7 +30,7 @@ import numpy as np
 from refbn import dtypes
 from refbn.layout import Layout
 from refbn.testing import compare
-from refbn.tolerances import TOLERANCES
+from refbn.tolerances import TOLERANCES, tolerance
 
 FWD_TRAIN = ("y", "batch_mean", "batch_variance", "reserve_space_1", "reserve_space_2")
 FWD_INFER = ("y", "batch_mean", "batch_variance")
@@ -120,8 +120,6 @@ class OutputResult:
 
 def closer_to_truth(r_t, tf_t, dtype, scale):
     """Who is closer to the truth: compares max abs errors, with the declared slack for ties."""
-    from refbn.tolerances import tolerance
-
     slack = tolerance("*", dtype, "closer_than_tf").ulps * dtypes.machine_epsilon(dtypes.parse(dtype))
     slack *= max(scale, 0.0) if scale else 0.0
     if r_t.mismatched_nonfinite and not tf_t.mismatched_nonfinite:
@@ -135,9 +133,26 @@ def closer_to_truth(r_t, tf_t, dtype, scale):
     return "tie" if r_t.max_abs <= tf_t.max_abs + slack else "tf"
 
 
-def three_way(output, x_dtype, refbn_value, tf_value, truth_value, kernel, backend, scale=None):
+def with_reduction(cmp, n):
+    """Apply a tolerance's ``ulps_per_n`` for an output of sums over n values per channel."""
+    tol = tolerance(cmp.output, cmp.dtype, cmp.context)
+    if tol.ulps_per_n and n:
+        cmp.allowed_ulps = tol.ulps + tol.ulps_per_n * n
+        cmp.reason = f"{tol.reason} [n = {n}: {tol.ulps:g} + {tol.ulps_per_n:g}*n = {cmp.allowed_ulps:g} eps]"
+    return cmp
+
+
+def judged(actual, expected, output, dtype, context, scale=None, n=0):
+    """refbn.testing.compare under a context, with the reduction allowance for n values."""
+    return with_reduction(compare(actual, expected, output, dtype, context, scale), n)
+
+
+def three_way(output, x_dtype, refbn_value, tf_value, truth_value, kernel, backend, scale=None, n=0,
+              context=None, refbn_ctx=None):
+    """refbn vs truth, TF (or a framework) vs truth, refbn vs TF; n: values reduced per channel."""
     dt = output_dtype(output, x_dtype)
-    r_t = compare(refbn_value, truth_value, output, dt, refbn_context(backend), scale)
-    tf_t = compare(tf_value, truth_value, output, dt, tf_context(kernel), r_t.scale)
-    r_tf = compare(refbn_value, tf_value, output, dt, tf_context(kernel), r_t.scale)
+    ctx = context or tf_context(kernel)
+    r_t = judged(refbn_value, truth_value, output, dt, refbn_ctx or refbn_context(backend), scale, n)
+    tf_t = judged(tf_value, truth_value, output, dt, ctx, r_t.scale, n)
+    r_tf = judged(refbn_value, tf_value, output, dt, ctx, r_t.scale, n)
     return OutputResult(output, dt, r_t, tf_t, r_tf, closer_to_truth(r_t, tf_t, dt, r_t.scale))

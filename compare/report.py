@@ -42,7 +42,7 @@ def case_row(r):
 
 def results_table(results, title="refbn vs TensorFlow"):
     t = Table(title=title, box=box.SIMPLE_HEAVY, show_lines=False)
-    for name, kw in (("case", {"overflow": "fold"}), ("kernel", {}), ("verdict", {}),
+    for name, kw in (("case", {"no_wrap": True}), ("kernel", {"no_wrap": True}), ("verdict", {}),
                      ("worst output", {}), ("refbn↔TF eps / allowed", {"justify": "right"}),
                      ("TF↔truth eps", {"justify": "right"}), ("refbn↔truth eps", {"justify": "right"}),
                      ("closer", {}), ("notes", {"overflow": "fold"})):
@@ -120,4 +120,4 @@ def write_json(path, results, meta):
 
 
 def console(stderr=False):
-    return Console(stderr=stderr, highlight=False)
+    return Console(stderr=stderr, highlight=False, emoji=False)

@@ -20,7 +20,6 @@ import numpy as np
 
 import refbn
 from refbn import dtypes
-from refbn.testing import compare
 
 from . import cases as cases_mod
 from . import divergences as div
@@ -233,8 +232,9 @@ def judge_op(case, side, tf_arrays, tf_info, kernel, backend):
             if key not in tf_arrays:
                 res.failures.append(f"TF returned no {o}")
                 continue
+            n = case.count if (phase == "grad" or case.is_training) else 0
             res.outputs.append(metrics.three_way(o, case.dtype, side.refbn[o], tf_arrays[key], side.truth[o],
-                                                 used, backend, side.scales.get(o)))
+                                                 used, backend, side.scales.get(o), n))
     if case.mode == "infer" and "fwd" not in side.errors:
         res.divergences.append(div.INFERENCE_RESERVE_SPACES.name)
         inp = side.inputs
@@ -341,11 +341,9 @@ def judge_parity(case, side, tf_arrays, tf_info, kernel, backend):
     res.notes.append(f"against {tf_info.get('implementation', case.mode)}")
     ctx = f"{case.mode}_parity"
     for o in metrics.PARITY:
-        dt = metrics.output_dtype(o, case.dtype)
-        r_t = compare(side.refbn[o], side.truth[o], o, dt, "refbn_layer")
-        tf_t = compare(tf_arrays[metrics.key(o)], side.truth[o], o, dt, ctx, r_t.scale)
-        r_tf = compare(side.refbn[o], tf_arrays[metrics.key(o)], o, dt, ctx, r_t.scale)
-        out = metrics.OutputResult(o, dt, r_t, tf_t, r_tf, metrics.closer_to_truth(r_t, tf_t, dt, r_t.scale))
+        out = metrics.three_way(o, case.dtype, side.refbn[o], tf_arrays[metrics.key(o)], side.truth[o],
+                                res.kernel_used, backend, n=case.count, context=ctx, refbn_ctx="refbn_layer")
+        r_t, r_tf = out.refbn_vs_truth, out.refbn_vs_tf
         res.outputs.append(out)
         if not r_t.passed:
             res.failures.append(r_t.message("refbn.BatchNorm vs float64 truth"))
@@ -363,8 +361,10 @@ def _convention_gap_fact(res, side, tf_arrays):
     keras3 = np.asarray(tf_arrays["keras3.moving_variance"], np.float64)
     measured, predicted = fused - keras3, side.gap["moving_variance"]
     eps32 = dtypes.machine_epsilon(np.float32)
-    k3 = compare(keras3, side.gap["keras3_truth_moving_variance"], "moving_variance", "f32", "keras_parity")
-    fu = compare(fused, side.truth["moving_variance"], "moving_variance", "f32", "tf_fused_parity")
+    n = res.case.count
+    k3 = metrics.judged(keras3, side.gap["keras3_truth_moving_variance"], "moving_variance", "f32",
+                        "keras_parity", n=n)
+    fu = metrics.judged(fused, side.truth["moving_variance"], "moving_variance", "f32", "tf_fused_parity", n=n)
     allowed = (k3.allowed_ulps + fu.allowed_ulps) * eps32 * float(np.max(np.abs(fused)))
     err = float(np.max(np.abs(measured - predicted)))
     rel = float(np.max(np.abs(measured) / np.maximum(np.abs(keras3), 1e-30)))
@@ -380,17 +380,23 @@ def _convention_gap_fact(res, side, tf_arrays):
 
 # -- the driver -------------------------------------------------------------------------------
 def verify(cases, backend="numpy", kernels=KERNELS, ahead=3, on_start=None):
-    """Yield a :class:`CaseResult` per (case, kernel), in order.
+    """Yield a :class:`CaseResult` per (case, kernel, backend), in order.
 
+    ``backend`` may be one name or several: TF then runs once per case and
+    every backend is judged against the same TF outputs.
     Raises TFUnavailable when TensorFlow cannot be started.
     """
     from refbn import backends
 
-    backends.get(backend)  # a clear error for an unknown or unavailable backend, before TF starts
+    names = [backend] if isinstance(backend, str) else list(backend)
+    for name in names:
+        backends.get(name)  # a clear error for an unknown or unavailable backend, before TF starts
     cases = [cases_mod.parse(c) if isinstance(c, str) else c for c in cases]
     outdir = tempfile.mkdtemp(prefix="refbn-verify-")
-    workers = {k: TFWorker(k, outdir) for k in kernels}
+    workers = {}
     try:
+        for k in kernels:
+            workers[k] = TFWorker(k, outdir)
         for w in workers.values():
             w.start()
         if on_start:
@@ -406,17 +412,21 @@ def verify(cases, backend="numpy", kernels=KERNELS, ahead=3, on_start=None):
 
         top_up(ahead)
         for i, case in enumerate(cases):
-            t0 = time.perf_counter()
-            side = refbn_side(case, backend) if case.kind == "op" else parity_side(case, backend)
-            t_side = time.perf_counter() - t0
+            sides = {}
+            for name in names:
+                t0 = time.perf_counter()
+                sides[name] = (refbn_side if case.kind == "op" else parity_side)(case, name)
+                sides[name] = (sides[name], time.perf_counter() - t0)
             for k, w in workers.items():
                 jid, arrays, info = w.receive()
                 assert jid == i, (jid, i)
-                t1 = time.perf_counter()
                 judge = judge_op if case.kind == "op" else judge_parity
-                res = judge(case, side, arrays, info, k, backend)
-                res.seconds = t_side + (time.perf_counter() - t1)
-                yield res
+                for name in names:
+                    side, t_side = sides[name]
+                    t1 = time.perf_counter()
+                    res = judge(case, side, arrays, info, k, name)
+                    res.seconds = t_side + (time.perf_counter() - t1)
+                    yield res
             top_up(i + 1 + ahead)
     finally:
         for w in workers.values():

@@ -22,6 +22,13 @@ Contexts:
                        against the same arithmetic done independently
     distributed        TF's synchronized BatchNormalization (MirroredStrategy,
                        MultiWorkerMirroredStrategy) against refbn's replay
+    tf_onednn          refbn.compare: refbn against TF's oneDNN CPU kernel (and TF
+    tf_eigen           against the float64 truth), resp. TF's Eigen kernel
+    keras_parity       refbn.BatchNorm against Keras 3 / tf-keras fused / torch
+    tf_fused_parity    after K training steps on the same batches
+    torch_parity
+    refbn_layer        refbn.BatchNorm (float32 state) against its float64 twin
+    closer_than_tf     slack when judging "refbn is no farther from the truth than TF"
 """
 from dataclasses import dataclass
 
@@ -32,6 +39,9 @@ from . import dtypes
 class Tolerance:
     ulps: float
     reason: str
+    #: extra allowance per value reduced (n per channel), in eps: ``ulps + ulps_per_n * n``.
+    #: Used by refbn.compare for outputs of float32 sums (compare.metrics.allowed_ulps applies it).
+    ulps_per_n: float = 0.0
 
 
 _ROUNDED_ONCE = Tolerance(
@@ -109,6 +119,71 @@ TOLERANCES = {
         2.0 ** 6, "SGD steps on float32 sums of ~300 terms dy = sin(x) that cancel to ~sqrt(n) of "
                   "their size, all-reduced over <= 4 replicas; beta starts at 0"),
 }
+
+# refbn.compare: TF's CPU kernels (float32 arithmetic, float32 sums) against refbn.  refbn is
+# within 0.5 ulp of the float64 truth, so refbn-vs-TF measures TF's own error.  Measured on the
+# registry (refbn verify, TF 2.21, both kernels, n <= 449,199 values per channel; see the
+# README): variance/y errors grow with n (Eigen sums strictly in order when C % 8 != 0: up to
+# 1.9e3 eps at n = 449,199, i.e. 0.0042*n; oneDNN up to 876 eps), everything else stays < 5 eps.
+_TF_SUMS = (
+    "TF sums the n values of a channel in float32 (Eigen: in order, or 4 interleaved sums when "
+    "C % 8 == 0; oneDNN: per-thread chunks, then the chunks); the worst case of recursive "
+    "summation is (n-1)*eps relative, the measured worst 0.0042*n eps (Eigen, n = 449,199). "
+    "Allowed: 8 eps for the final roundings plus n/32 eps, a 7x margin at the largest n and "
+    "tight for small n (a Bessel-factor slip, 1/n relative, still fails for n < 16,000)")
+_TF_16BIT = ("TF computes in float32 and rounds once to the 16-bit dtype, refbn rounds the float64 "
+             "value once: they differ by at most 1 ulp where the float32 value sits next to a "
+             "rounding boundary (measured <= 1.0 eps over the registry)")
+for _ctx in ("tf_onednn", "tf_eigen"):
+    TOLERANCES.update({
+        (_ctx, "y", "f32"): Tolerance(8.0, "y: " + _TF_SUMS + "; y = (x-mean)*scale*rsqrt(var+eps) "
+                                      "+ offset inherits half the variance's relative error "
+                                      "(inference: no sums, measured <= 2.9 eps)", ulps_per_n=1 / 32),
+        (_ctx, "batch_mean", "f32"): Tolerance(8.0, "mean, judged against mean(|x|): " + _TF_SUMS,
+                                               ulps_per_n=1 / 32),
+        (_ctx, "reserve_space_1", "f32"): Tolerance(8.0, "mean, judged against mean(|x|): " + _TF_SUMS,
+                                                    ulps_per_n=1 / 32),
+        (_ctx, "batch_variance", "f32"): Tolerance(8.0, "variance: " + _TF_SUMS, ulps_per_n=1 / 32),
+        (_ctx, "reserve_space_2", "f32"): Tolerance(8.0, "variance: " + _TF_SUMS, ulps_per_n=1 / 32),
+        (_ctx, "x_backprop", "f32"): Tolerance(
+            16.0, "dx = a*(dy - mean(dy) - x_hat*mean(dy*x_hat)) in float32, judged against "
+                  "|a|*rms(dy), the size of the terms that cancel; the means are sums whose error "
+                  "is relative to their own (small) size; measured <= 4.7 eps"),
+        (_ctx, "scale_backprop", "f32"): Tolerance(
+            8.0, "sum(dy * x_hat) in float32, judged against sum(|dy * x_hat|), the sum's own "
+                 "condition; terms of both signs keep the error near sqrt(n); measured <= 1.8 eps"),
+        (_ctx, "offset_backprop", "f32"): Tolerance(
+            8.0, "sum(dy) in float32, judged against sum(|dy|); measured <= 1.5 eps"),
+        (_ctx, "*", "bf16"): Tolerance(2.0, _TF_16BIT),
+        (_ctx, "*", "f16"): Tolerance(2.0, _TF_16BIT),
+    })
+_PARITY = ("K float32 training steps: batch statistics from float32 sums (Keras 3: "
+           "E[x^2] - E[x]^2, cancelling by (mean^2 + var)/var = 3.25 on N(3, 2^2) data; tf-keras "
+           "fused: FusedBatchNormV3), then moving = moving*m + batch*(1-m) rounded each step; old "
+           "rounding errors decay by m per step. Measured <= 37 eps (y of the last training step, "
+           "n = 12,544), <= 5.5 eps for the moving statistics. Allowed: 16 eps plus n/32 as for TF's sums")
+for _ctx in ("keras_parity", "tf_fused_parity", "torch_parity"):
+    TOLERANCES[(_ctx, "*", "f32")] = Tolerance(16.0, _PARITY, ulps_per_n=1 / 32)
+    TOLERANCES[(_ctx, "*", "bf16")] = Tolerance(2.0, "mixed precision: " + _TF_16BIT)
+    TOLERANCES[(_ctx, "*", "f16")] = Tolerance(2.0, "mixed precision: " + _TF_16BIT)
+TOLERANCES.update({
+    ("refbn_layer", "*", "f32"): Tolerance(
+        16.0, "refbn.BatchNorm computes each step in float64 but stores its moving statistics in "
+              "float32: one 0.5-ulp rounding per step, decaying by momentum m, so at most "
+              "0.5/(1-m) ulp (50 for m = 0.99) in the worst case; measured <= 2.4 eps over 50 steps"),
+    ("refbn_layer", "*", "bf16"): _ROUNDED_ONCE,
+    ("refbn_layer", "*", "f16"): _ROUNDED_ONCE,
+    ("closer_than_tf", "*", "bf16"): Tolerance(
+        2.0 ** -15, "ml_dtypes casts float64 -> bfloat16 through float32 (two roundings), so refbn's "
+                    "bfloat16 can miss the correctly rounded value by 2^-24 relative (2^-17 bf16 eps) "
+                    "where TF's float32 value happens to round the other way"),
+    ("closer_than_tf", "*", "f16"): Tolerance(
+        2.0 ** -13, "a backend that casts float64 -> float16 through float32 (numba) rounds twice "
+                    "and can miss the correctly rounded value by 2^-24 relative (2^-14 f16 eps)"),
+    ("closer_than_tf", "*", "*"): Tolerance(
+        0.0, "refbn rounds the float64 truth once (correctly for float16/float32), so no value of "
+             "the output dtype is closer to the truth than refbn's"),
+})
 
 
 def tolerance(output, dtype, context="reference"):
