@@ -29,6 +29,12 @@ Contexts:
     torch_parity
     refbn_layer        refbn.BatchNorm (float32 state) against its float64 twin
     closer_than_tf     slack when judging "refbn is no farther from the truth than TF"
+    debias             refbn.BatchNorm(debias=True) statistics after t steps on constant
+                       data against the batch statistics
+    keras_recalibrate  refbn.keras.recalibrate's moving statistics (float32 variables)
+                       against the float64 statistics of the captured layer inputs
+    keras_debias       refbn.keras.debias on a Keras model trained on constant data
+                       against the float64 batch statistics of the captured inputs
 """
 from dataclasses import dataclass
 
@@ -183,6 +189,24 @@ TOLERANCES.update({
     ("closer_than_tf", "*", "*"): Tolerance(
         0.0, "refbn rounds the float64 truth once (correctly for float16/float32), so no value of "
              "the output dtype is closer to the truth than refbn's"),
+})
+
+# refbn.keras (recalibrate, debias) and refbn.BatchNorm(debias=True).
+TOLERANCES.update({
+    ("debias", "*", "f64"): Tolerance(
+        2.0 ** 10, "debiasing divides by 1 - momentum^t (0.01 after one step at momentum 0.99), "
+                   "magnifying the float64 rounding of the moving statistic (and of 1 - (1 - decay)) "
+                   "by up to 100 < 2^7; 2^10 leaves margin"),
+    ("keras_recalibrate", "*", "f32"): Tolerance(
+        1.0, "the pooled statistics are computed in float64 from the same float32 inputs (exact "
+             "Chan merge of per-batch float64 moments) and written once into float32 variables: "
+             "0.5 ulp of rounding plus float64 noise"),
+    ("keras_debias", "*", "f32"): Tolerance(
+        2.0 ** 7, "judged against max(|statistic|, rms, initial value): Keras updates in float32 "
+                  "(moving*0.99f + batch*0.01f, momentum rounded to float32, 1e-8 off) and stores "
+                  "~0.99*initial + 0.01*batch with 0.5 ulp of rounding; debiasing divides by "
+                  "1 - 0.99 = 0.01, magnifying both ~100x (measured <= 30 eps); TF's float32 "
+                  "batch moments add a few eps"),
 })
 
 
