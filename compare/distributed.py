@@ -115,6 +115,10 @@ def load_recalibration(outdir, engine, replicas):
              [f"recalibrate.{engine}{replicas}.w{i}.npz" for i in range(replicas)])
     out = []
     for name in names:
+        err = os.path.join(outdir, name[:-len(".npz")] + ".error.txt")
+        if os.path.exists(err):
+            with open(err) as f:
+                raise WorkerError(f"recalibrate failed in the TF worker:\n{f.read()}")
         with np.load(os.path.join(outdir, name)) as z:
             out.append({k: z[k] for k in z.files})
     return out
