@@ -120,6 +120,9 @@ def main(args):
     for _ in range(1, args.steps):
         bn(x, training=True)
     y_inf, tr_inf = bn(x, training=False, trace=True)
+    bn.debias = True
+    y_inf_debiased = bn(x, training=False)
+    bn.debias = False
     print(f"\nAfter {args.steps} training step(s) on the same x -- an inference step: y uses the moving "
           "statistics, not x's.\n")
     print(tr_inf.explain())
@@ -169,7 +172,8 @@ def main(args):
                "training_step_1": _jsonable(tr.as_dict()), "inference": _jsonable(tr_inf.as_dict()),
                "gap_by_step": rows,
                "gap_sweep": {f"{mo:g}": {str(s): g for s, g in sweep[mo].items()} for mo in momenta},
-               "y_train": np.asarray(y_train).tolist(), "y_infer": np.asarray(y_inf).tolist()}
+               "y_train": np.asarray(y_train).tolist(), "y_infer": np.asarray(y_inf).tolist(),
+               "y_infer_debiased": np.asarray(y_inf_debiased).tolist()}
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)
         print(f"json: {args.json}")
