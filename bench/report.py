@@ -1,0 +1,146 @@
+"""Tables (rich), the goals check and the plot (matplotlib) of a ``refbn bench`` result."""
+from .cli import GOALS, NCHW_VS_NHWC, NUMPY_VS_TF
+
+_ORDER = ("numpy", "numba", "tf_onednn", "tf_eigen")
+_LABEL = {"numpy": "numpy", "numba": "numba", "tf_onednn": "TF oneDNN", "tf_eigen": "TF Eigen*"}
+
+
+def _fmt(v, spec=".2f"):
+    return "" if v is None else format(v, spec)
+
+
+def goals(records):
+    """Every target of issue 4 that the records can check: list of dicts with 'met'."""
+    out = []
+
+    def add(rec, what, value, target):
+        if value is not None:
+            out.append({"shape": rec["shape"], "op": rec["op"], "goal": what, "value": value,
+                        "target": target, "met": value <= target})
+    by_key = {(r["shape"], r["op"]): r for r in records}
+    for rec in records:
+        cs = rec["contenders"]
+        nb, npy = cs.get("numba", {}), cs.get("numpy", {})
+        t_ratio, f_ratio = GOALS[rec["op"]]
+        add(rec, "numba / TF oneDNN", nb.get("x_tf_onednn"), t_ratio)
+        add(rec, "numba / floor", nb.get("x_floor"), f_ratio)
+        add(rec, "numba / TF Eigen", nb.get("x_tf_eigen"), 1.0)
+        add(rec, "numpy / TF oneDNN", npy.get("x_tf_onednn"), NUMPY_VS_TF)
+        if rec["data_format"] in ("NCHW", "NCDHW", "NCW") and nb.get("median_ms"):
+            from .specs import parse
+            twin = str(parse(rec["shape"]).channels_last_twin)
+            other = by_key.get((twin, rec["op"]), {}).get("contenders", {}).get("numba", {})
+            if other.get("median_ms"):
+                add(rec, f"numba {rec['data_format']} / {twin}", nb["median_ms"] / other["median_ms"], NCHW_VS_NHWC)
+    return out
+
+
+def print_all(console, result):
+    from rich.table import Table
+
+    m = result["machine"]
+    cfg = result["config"]
+    console.print(f"[bold]refbn bench[/bold]  {m['cpu']}, {m['cores']} cores, {m['threads']} threads; "
+                  f"numpy {m['numpy']}, numba {m['numba']} ({m.get('numba_threading_layer')}), "
+                  f"TF {m.get('tf', {}).get('tf_version', '-')}; float32, cache {cfg['cache']}, "
+                  f"{cfg['repeats']} rounds; load average {_load(m)}")
+    t = Table(title="Times (median and min of alternating rounds); GB/s and x floor on the floor's bytes",
+              caption="floor: train = read + copy, infer = copy, bwd = read x, dy + write dx "
+                      "(fastest of numpy and numba).  * TF Eigen ran in a subprocess; its x floor is "
+                      "against that process's floor, its x TF is not shown.")
+    for col, just in (("shape", "left"), ("op", "left"), ("contender", "left"), ("median ms", "right"),
+                      ("min ms", "right"), ("GB/s", "right"), ("x floor", "right"), ("x TF oneDNN", "right"),
+                      ("check (max/allowed eps)", "right")):
+        t.add_column(col, justify=just)
+    for rec in result["records"]:
+        cs = rec["contenders"]
+        parts = " + ".join(f"{k} {v['by'].split(':')[1]}" for k, v in rec["floor_parts"].items())
+        t.add_row(rec["shape"], rec["op"], f"floor ({parts})", _fmt(rec["floor_ms"]), "",
+                  _fmt(rec["floor_bytes"] / (rec["floor_ms"] * 1e6), ".1f"), "1.00", "", "", style="dim")
+        for name in _ORDER:
+            c = cs.get(name)
+            if c is None:
+                continue
+            worst = max(c["checks"], key=lambda k: k["max_ulps"] / max(k["allowed_ulps"], 1e-300),
+                        default=None)
+            check = "" if worst is None else f"{worst['max_ulps']:.2g}/{worst['allowed_ulps']:.3g}"
+            if c.get("refused"):
+                t.add_row("", "", _LABEL[name], "REFUSED", "", "", "", "", check, style="red")
+                continue
+            t.add_row("", "", _LABEL[name], _fmt(c.get("median_ms")), _fmt(c.get("min_ms")), _fmt(c.get("gbps"), ".1f"),
+                      _fmt(c.get("x_floor")), _fmt(c.get("x_tf_onednn")) if name != "tf_onednn" else "1.00", check,
+                      style="bold" if name == "numba" else None)
+        t.add_section()
+    console.print(t)
+    g = result["goals"]
+    if g:
+        gt = Table(title="Issue 4 goals (medians)")
+        for col in ("shape", "op", "goal", "value", "target", ""):
+            gt.add_column(col, justify="left" if col in ("shape", "op", "goal") else "right")
+        for row in g:
+            gt.add_row(row["shape"], row["op"], row["goal"], f"{row['value']:.2f}", f"<= {row['target']:.2f}",
+                       "[green]met[/green]" if row["met"] else "[red]missed[/red]")
+        console.print(gt)
+        console.print(f"goals met: {sum(r['met'] for r in g)} of {len(g)}")
+    jit = result["jit"]
+    if jit.get("first_call_s"):
+        worst = max(jit["first_call_s"].values())
+        console.print(f"numba first call in this process (compile or cache load, then one run): "
+                      f"up to {worst:.2f} s; kernels: " + ", ".join(
+                          f"{k} {v['cache_hits']} cached/{v['cache_misses']} compiled"
+                          for k, v in jit["this_process"].items()))
+    fresh = jit.get("fresh_processes")
+    if fresh:
+        for label in ("cold", "warm"):
+            r = fresh.get(label, {})
+            if "error" in r:
+                console.print(f"numba {label}: failed: {r['error']}")
+            elif r:
+                console.print(f"numba {label} start: import {r['import_s']:.2f} s, first calls of 3 ops x 2 layouts "
+                              f"x 2 builds {sum(r['first_call_s'].values()):.2f} s (max {max(r['first_call_s'].values()):.2f} s)")
+    for rec in result["records"]:
+        for name, c in rec["contenders"].items():
+            if c.get("refused"):
+                console.print(f"[red]refused[/red] {rec['shape']} {rec['op']} {name}: {c['refused']}")
+    for note in result.get("notes", []):
+        console.print(f"note: {note}")
+
+
+def _load(m):
+    a, b = m.get("load_average_start"), m.get("load_average_end")
+    f = lambda v: "-" if not v else f"{v[0]:.2f}"   # noqa: E731
+    return f"{f(a)} at start, {f(b)} at end" if b else f(a)
+
+
+def plot(result, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    records = result["records"]
+    ops = [op for op in ("train", "infer", "bwd") if any(r["op"] == op for r in records)]
+    fig, axes = plt.subplots(len(ops), 1, figsize=(max(7, 1.1 * len(records) / max(1, len(ops)) + 3),
+                                                    3.2 * len(ops)), squeeze=False)
+    colors = {"numpy": "#999999", "numba": "#1f77b4", "tf_onednn": "#ff7f0e", "tf_eigen": "#d62728"}
+    for ax, op in zip(axes[:, 0], ops):
+        recs = [r for r in records if r["op"] == op]
+        names = [n for n in _ORDER if any(n in r["contenders"] for r in recs)]
+        width = 0.8 / max(1, len(names))
+        xs = np.arange(len(recs))
+        for i, n in enumerate(names):
+            vals = [r["contenders"].get(n, {}).get("x_floor") or np.nan for r in recs]
+            ax.bar(xs + (i - (len(names) - 1) / 2) * width, vals, width, label=_LABEL[n], color=colors[n])
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.axhline(GOALS[op][1], color=colors["numba"], lw=0.8, ls="--")
+        ax.set_yscale("log")
+        ax.set_xticks(xs)
+        ax.set_xticklabels([r["shape"] for r in recs], rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel("time / memory floor")
+        ax.set_title(f"{op}: median time over the floor (dashed: numba goal {GOALS[op][1]}x)", fontsize=10)
+        ax.legend(fontsize=7, ncol=len(names))
+    m = result["machine"]
+    fig.suptitle(f"refbn bench, float32, {m['cpu']}, {m['threads']} threads", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
