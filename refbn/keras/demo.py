@@ -47,6 +47,9 @@ def configure(p):
                         "this many std of the batch's (default 0.01)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="refbn-demo", help="folder for the PNG plots and layers.csv")
+    p.add_argument("--save", action="store_true",
+                   help="also save the trained (failing) model and the images as OUT/model.keras and "
+                        "OUT/data.npz, to try 'refbn diagnose' on them")
     p.add_argument("--rows", type=int, default=14, help="layer rows to print (all rows go to layers.csv)")
 
 
@@ -279,6 +282,9 @@ def main(args):
     train_acc, train_cls = accuracy(out, y), out.argmax(-1)
     steps = int(cap.to_numpy(model.optimizer.iterations))
     trained = model.get_weights()
+    if args.save:
+        model.save(os.path.join(args.out, "model.keras"))
+        np.savez(os.path.join(args.out, "data.npz"), x=x, y=y)
     say(f"\nfit ({t_fit:.1f} s): accuracy {fit_acc:.2f} in the last epoch", highlight=False)
     say(f"evaluate: accuracy {ev_acc:.2f}   predict: accuracy {pred_acc:.2f}, classes "
         f"{pred.argmax(-1).tolist()} (labels {y.tolist()})", highlight=False)
@@ -430,4 +436,8 @@ def main(args):
         highlight=False)
     say(f"\nThe model now holds the recalibrated statistics. Total time {time.perf_counter() - t_start:.0f} s.",
         highlight=False)
+    if args.save:
+        m_path, d_path = os.path.join(args.out, "model.keras"), os.path.join(args.out, "data.npz")
+        say(f"Saved the trained model (before any remedy) and the images: refbn diagnose {m_path} {d_path}",
+            highlight=False)
     return 0

@@ -84,4 +84,7 @@ def main(args):
         rec = recalibrate(model, x, batch_size=args.batch_size)
         model.save(args.recalibrated)
         console.print(f"{rec.summary()}; saved to {args.recalibrated}", highlight=False)
+    elif not report.healthy:
+        console.print(f"To fix: refbn diagnose {args.model} {args.data} --recalibrated FIXED.keras "
+                      "(or refbn.keras.recalibrate(model, x) in Python)", highlight=False)
     return 0 if report.healthy else 1
