@@ -268,13 +268,16 @@ def test_diagnose_cli_exit_codes_json_and_fix(trained, tmp_path, capsys):
 
 
 def test_demo_cli_runs_and_writes_its_files(tmp_path, capsys):
-    rc = cli.main(["demo", "--model", "tiny", "--out", str(tmp_path), "--extra-steps", "2"])
+    rc = cli.main(["demo", "--model", "tiny", "--out", str(tmp_path), "--extra-steps", "2", "--save"])
     assert rc == 0
     out = capsys.readouterr().out
-    for name in ("moving_statistics.png", "distortion.png", "layers.csv"):
+    for name in ("moving_statistics.png", "distortion.png", "layers.csv", "model.keras", "data.npz"):
         assert (tmp_path / name).stat().st_size > 0
     assert len((tmp_path / "layers.csv").read_text().strip().splitlines()) == 1 + 3
     assert "fit" in out and "predict: accuracy 0.33" in out and "training=True): accuracy 1.00" in out
     assert "0.99^10 = 0.904" in out
     recal = [line for line in out.splitlines() if "refbn.keras.recalibrate" in line]
     assert recal and "1.00" in recal[0]
+    saved = keras.models.load_model(tmp_path / "model.keras")  # the failing model, before any remedy
+    data = np.load(tmp_path / "data.npz")
+    assert _acc(saved, data["x"], data["y"]) < 1.0 and rk.training_steps(saved) == 10
