@@ -17,13 +17,13 @@ Layouts.  Every layout arrives as the canonical (outer, C, inner) view:
   cut into chunks; the loop along a chunk is the vectorised one.
 
 Either way no transpose is made, and a half-precision x is read as its
-uint16 bits and converted inside the loops (see ``_numba_halfs``).
+uint16 bits and converted inside the loops (see ``_numba_support``).
 
 Accuracy.  Every value is widened to float64 before it is used.  The
 moments take one pass over x, summing d = x - K and d*d per channel, where
 the shift K is the channel's first value; partial sums are kept per block
-(a few thousand values) and added in float64 at the end.  For float32 and
-narrower data d and d*d are exact in float64, and the mean and biased
+(64K values) and added in float64 at the end.  For float32 and narrower
+data d is exact in float64 and d*d is rounded once; the mean and biased
 variance follow from :func:`refbn.equations.shifted_moments`, whose
 cancellation is bounded by (n - 1) because K is one of the values; in
 practice the relative error of the variance is ~1e-15 even on N(1e6, 1)
@@ -32,10 +32,14 @@ recomputed by the numpy reference, so NaN/Inf land exactly where the
 reference puts them.
 
 Speed.  Training forward = one reading pass (moments) plus one read-and-
-write pass (y); backward = one pass over dy and x for the sums plus one
-for dx.  The second pass walks the blocks in reverse order, so it starts on
-the data the first pass touched last, which is still in the last-level
-cache.
+write pass (y), the memory floor; inference = one read-and-write pass;
+backward = one pass over dy and x for the sums plus one for dx (5/3 of
+its floor: the sums are needed before any dx).  Channels-last loops carry
+their running sums in memory (C is not known when compiling), so they
+take four rows per step and prefetch 16 KB ahead, which keeps the memory
+busy while they compute.  (Walking the second pass backwards, to start on
+the data still in the last-level cache, measured no faster and slowed the
+channels-first layouts, so the passes run forwards.)
 """
 import types
 
@@ -44,10 +48,11 @@ from numba import njit, prange
 
 from .. import equations as eq
 from . import numpy_ref
-from ._numba_halfs import decode, encode, storage
+from ._numba_support import decode, encode, prefetch, storage
 
-_BLOCK_VALUES = 1 << 14      # values per block / chunk: a block's partial sums stay small,
-#                              and 2 threads get hundreds of blocks to share
+_BLOCK_VALUES = 1 << 16      # values per block / chunk: 256 KB of float32, ~100 blocks per
+#                              ResNet-50 tensor for the threads to share
+_PREFETCH_BYTES = 1 << 14    # channels-last loops ask for the data 16 KB ahead
 _MIN_VIRTUAL_CHANNELS = 64   # channels-last with fewer channels is viewed as k*C virtual channels
 
 _PARALLEL_MIN_VALUES = 1 << 17   # smaller inputs run on one thread: waking threads costs more
@@ -91,57 +96,100 @@ def _zeros_aligned(n):
 
 
 @_kernel(_REDUCE)
-def _sums_last(p, q, kind, shift_p, shift_q, rows, out1, out2):
-    """Per block b of ``rows`` rows: out1[b] = sum(p - shift_p), out2[b] = sum((p - shift_p) * (q - shift_q)).
+def _moments_last(x, kind, shift, rows, ahead_bytes, out1, out2):
+    """Per block b of ``rows`` rows: out1[b] = sum(d), out2[b] = sum(d * d), d = x - shift.
 
     Four rows at a time, so the running sums (in memory: C is not known when
     compiling) are loaded and stored once per four values."""
-    total, channels = p.shape
+    total, channels = x.shape
+    ahead = ahead_bytes // x.itemsize
+    line = 64 // x.itemsize
     for b in prange(out1.shape[0]):
         s1 = _zeros_aligned(channels)
         s2 = _zeros_aligned(channels)
         end = min(total, (b + 1) * rows)
         r = b * rows
         while r + 4 <= end:
+            for i in range(0, 4 * channels if ahead else 0, line):
+                prefetch(x, r * channels + ahead + i)
             for c in range(channels):
-                sp = shift_p[c]
-                sq = shift_q[c]
-                u0 = decode(p[r, c], kind) - sp
-                u1 = decode(p[r + 1, c], kind) - sp
-                u2 = decode(p[r + 2, c], kind) - sp
-                u3 = decode(p[r + 3, c], kind) - sp
-                s1[c] += (u0 + u1) + (u2 + u3)
-                s2[c] += ((u0 * (decode(q[r, c], kind) - sq) + u1 * (decode(q[r + 1, c], kind) - sq))
-                          + (u2 * (decode(q[r + 2, c], kind) - sq) + u3 * (decode(q[r + 3, c], kind) - sq)))
+                k = shift[c]
+                d0 = decode(x[r, c], kind) - k
+                d1 = decode(x[r + 1, c], kind) - k
+                d2 = decode(x[r + 2, c], kind) - k
+                d3 = decode(x[r + 3, c], kind) - k
+                s1[c] += (d0 + d1) + (d2 + d3)
+                s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
             r += 4
         for rr in range(r, end):
             for c in range(channels):
-                u = decode(p[rr, c], kind) - shift_p[c]
-                s1[c] += u
-                s2[c] += u * (decode(q[rr, c], kind) - shift_q[c])
+                d = decode(x[rr, c], kind) - shift[c]
+                s1[c] += d
+                s2[c] += d * d
+        out1[b, :] = s1
+        out2[b, :] = s2
+
+
+@_kernel(_REDUCE)
+def _grad_sums_last(dy, x, kind, mean, rows, ahead_bytes, out1, out2):
+    """Per block b of ``rows`` rows: out1[b] = sum(dy), out2[b] = sum(dy * (x - mean))."""
+    total, channels = x.shape
+    ahead = ahead_bytes // x.itemsize
+    line = 64 // x.itemsize
+    for b in prange(out1.shape[0]):
+        s1 = _zeros_aligned(channels)
+        s2 = _zeros_aligned(channels)
+        end = min(total, (b + 1) * rows)
+        r = b * rows
+        while r + 4 <= end:
+            for i in range(0, 4 * channels if ahead else 0, line):
+                prefetch(dy, r * channels + ahead + i)
+                prefetch(x, r * channels + ahead + i)
+            for c in range(channels):
+                m = mean[c]
+                g0 = decode(dy[r, c], kind)
+                g1 = decode(dy[r + 1, c], kind)
+                g2 = decode(dy[r + 2, c], kind)
+                g3 = decode(dy[r + 3, c], kind)
+                s1[c] += (g0 + g1) + (g2 + g3)
+                s2[c] += ((g0 * (decode(x[r, c], kind) - m) + g1 * (decode(x[r + 1, c], kind) - m))
+                          + (g2 * (decode(x[r + 2, c], kind) - m) + g3 * (decode(x[r + 3, c], kind) - m)))
+            r += 4
+        for rr in range(r, end):
+            for c in range(channels):
+                g = decode(dy[rr, c], kind)
+                s1[c] += g
+                s2[c] += g * (decode(x[rr, c], kind) - mean[c])
         out1[b, :] = s1
         out2[b, :] = s2
 
 
 @_kernel(_FMA)
-def _scale_shift_last(x, kind, mean, y_coef, offset, rows, y):
+def _scale_shift_last(x, kind, mean, y_coef, offset, rows, ahead_bytes, y):
     total, channels = x.shape
     blocks = (total + rows - 1) // rows
-    for t in prange(blocks):
-        b = blocks - 1 - t          # reverse: start where the moments pass ended (still cached)
+    ahead = ahead_bytes // x.itemsize
+    line = 64 // x.itemsize
+    for b in prange(blocks):
         for r in range(b * rows, min(total, (b + 1) * rows)):
+            for i in range(0, channels if ahead else 0, line):
+                prefetch(x, r * channels + ahead + i)
             for c in range(channels):
                 v = _batch_norm(decode(x[r, c], kind) - mean[c], y_coef[c], offset[c])
                 y[r, c] = encode(v, y, kind)
 
 
 @_kernel(_FMA)
-def _grad_apply_last(dy, x, kind, mean, a, b_, c_, rows, dx):
+def _grad_apply_last(dy, x, kind, mean, a, b_, c_, rows, ahead_bytes, dx):
     total, channels = x.shape
     blocks = (total + rows - 1) // rows
-    for t in prange(blocks):
-        b = blocks - 1 - t
+    ahead = ahead_bytes // x.itemsize
+    line = 64 // x.itemsize
+    for b in prange(blocks):
         for r in range(b * rows, min(total, (b + 1) * rows)):
+            for i in range(0, channels if ahead else 0, line):
+                prefetch(dy, r * channels + ahead + i)
+                prefetch(x, r * channels + ahead + i)
             for c in range(channels):
                 coefs = eq.BackwardCoefficients(a[c], b_[c], c_[c], 0.0, 0.0)
                 v = _batch_norm_backward(decode(dy[r, c], kind), decode(x[r, c], kind) - mean[c], coefs)
@@ -152,26 +200,45 @@ def _grad_apply_last(dy, x, kind, mean, a, b_, c_, rows, dx):
 # kernels on (N, C, inner) arrays: channels first; work item = (n, c, chunk of the plane)
 # ----------------------------------------------------------------------------------------------
 @_kernel(_REDUCE)
-def _sums_first(p, q, kind, shift_p, shift_q, chunk, out1, out2):
-    """out1[n, c, j] = sum(p - shift_p[c]), out2[n, c, j] = sum((p - shift_p[c]) * (q - shift_q[c]))
-    over chunk j of plane (n, c)."""
-    outer, channels, inner = p.shape
+def _moments_first(x, kind, shift, chunk, out1, out2):
+    """out1[n, c, j] = sum(d), out2[n, c, j] = sum(d * d), d = x - shift[c], over chunk j of plane (n, c)."""
+    outer, channels, inner = x.shape
     chunks = out1.shape[2]
     for t in prange(outer * channels * chunks):
         j = t % chunks
         c = (t // chunks) % channels
         n = t // (chunks * channels)
-        sp = shift_p[c]
-        sq = shift_q[c]
-        # slices, so that indices start at 0: numba's negative-index check then folds away
-        pp = p[n, c, j * chunk:(j + 1) * chunk]
-        qq = q[n, c, j * chunk:(j + 1) * chunk]
+        k = shift[c]
+        # a slice, so that indices start at 0: numba's negative-index check then folds away
+        xx = x[n, c, j * chunk:(j + 1) * chunk]
         s1 = 0.0
         s2 = 0.0
-        for i in range(pp.shape[0]):
-            u = decode(pp[i], kind) - sp
-            s1 += u
-            s2 += u * (decode(qq[i], kind) - sq)
+        for i in range(xx.shape[0]):
+            d = decode(xx[i], kind) - k
+            s1 += d
+            s2 += d * d
+        out1[n, c, j] = s1
+        out2[n, c, j] = s2
+
+
+@_kernel(_REDUCE)
+def _grad_sums_first(dy, x, kind, mean, chunk, out1, out2):
+    """out1[n, c, j] = sum(dy), out2[n, c, j] = sum(dy * (x - mean[c])) over chunk j of plane (n, c)."""
+    outer, channels, inner = x.shape
+    chunks = out1.shape[2]
+    for t in prange(outer * channels * chunks):
+        j = t % chunks
+        c = (t // chunks) % channels
+        n = t // (chunks * channels)
+        m = mean[c]
+        gg = dy[n, c, j * chunk:(j + 1) * chunk]
+        xx = x[n, c, j * chunk:(j + 1) * chunk]
+        s1 = 0.0
+        s2 = 0.0
+        for i in range(xx.shape[0]):
+            g = decode(gg[i], kind)
+            s1 += g
+            s2 += g * (decode(xx[i], kind) - m)
         out1[n, c, j] = s1
         out2[n, c, j] = s2
 
@@ -182,10 +249,9 @@ def _scale_shift_first(x, kind, mean, y_coef, offset, chunk, y):
     chunks = (inner + chunk - 1) // chunk
     items = outer * channels * chunks
     for t in prange(items):
-        u = items - 1 - t
-        j = u % chunks
-        c = (u // chunks) % channels
-        n = u // (chunks * channels)
+        j = t % chunks
+        c = (t // chunks) % channels
+        n = t // (chunks * channels)
         m = mean[c]
         k = y_coef[c]
         o = offset[c]
@@ -201,10 +267,9 @@ def _grad_apply_first(dy, x, kind, mean, a, b_, c_, chunk, dx):
     chunks = (inner + chunk - 1) // chunk
     items = outer * channels * chunks
     for t in prange(items):
-        u = items - 1 - t
-        j = u % chunks
-        c = (u // chunks) % channels
-        n = u // (chunks * channels)
+        j = t % chunks
+        c = (t // chunks) % channels
+        n = t // (chunks * channels)
         m = mean[c]
         coefs = eq.BackwardCoefficients(a[c], b_[c], c_[c], 0.0, 0.0)
         gg = dy[n, c, j * chunk:(j + 1) * chunk]
@@ -244,31 +309,34 @@ def _rows_per_block(width):
     return max(1, _BLOCK_VALUES // max(1, width))
 
 
-def _sums(p3, q3, shift_p, shift_q):
-    """sum(p - shift_p) and sum((p - shift_p) * (q - shift_q)) per channel, float64."""
-    outer, channels, inner = p3.shape
-    (p, kind), (q, _) = storage(p3), storage(q3)
-    shift_p, shift_q = _f64c(shift_p), _f64c(shift_q)
+def _reduce(last_kernel, first_kernel, arrays, vector):
+    """Per-channel float64 (sum1, sum2) of a reduction kernel over ``arrays`` (canonical views)."""
+    outer, channels, inner = arrays[0].shape
+    stored = [storage(a) for a in arrays]
+    kind = stored[0][1]
+    ins = [s[0] for s in stored]
+    vector = _f64c(vector)
     sum1 = np.zeros(channels)
     sum2 = np.zeros(channels)
-    if p.size == 0:
+    if ins[0].size == 0:
         return sum1, sum2
     if inner == 1:
-        p2, q2 = p.reshape(outer, channels), q.reshape(outer, channels)
         k = _virtual(outer, channels)
-        for (pp, copies), (qq, _) in zip(_row_parts(p2, k), _row_parts(q2, k)):
-            width = pp.shape[1]
+        in_parts = [_row_parts(a.reshape(outer, channels), k) for a in ins]
+        for i, (first, copies) in enumerate(in_parts[0]):
+            width = first.shape[1]
             rows = _rows_per_block(width)
-            blocks = -(-pp.shape[0] // rows)
+            blocks = -(-first.shape[0] // rows)
             o1, o2 = np.empty((blocks, width)), np.empty((blocks, width))
-            _sums_last(pp.size, pp, qq, kind, np.tile(shift_p, copies), np.tile(shift_q, copies), rows, o1, o2)
+            last_kernel(first.size, *[parts[i][0] for parts in in_parts], kind, np.tile(vector, copies),
+                        rows, _PREFETCH_BYTES, o1, o2)
             sum1 += o1.reshape(blocks * copies, channels).sum(axis=0)
             sum2 += o2.reshape(blocks * copies, channels).sum(axis=0)
     else:
         chunk = _BLOCK_VALUES
         chunks = -(-inner // chunk)
         o1, o2 = np.empty((outer, channels, chunks)), np.empty((outer, channels, chunks))
-        _sums_first(p.size, p, q, kind, shift_p, shift_q, chunk, o1, o2)
+        first_kernel(ins[0].size, *ins, kind, vector, chunk, o1, o2)
         sum1 += o1.sum(axis=(0, 2))
         sum2 += o2.sum(axis=(0, 2))
     return sum1, sum2
@@ -297,7 +365,7 @@ def _elementwise(last_kernel, first_kernel, arrays, vectors, out3):
         for i, (yy, copies) in enumerate(out_parts):
             tiled = [np.tile(v, copies) for v in vectors]
             last_kernel(yy.size, *[parts[i][0] for parts in in_parts], kind, *tiled,
-                        _rows_per_block(yy.shape[1]), yy)
+                        _rows_per_block(yy.shape[1]), _PREFETCH_BYTES, yy)
     else:
         first_kernel(y.size, *ins, kind, *vectors, _BLOCK_VALUES, y)
     return y3
@@ -311,7 +379,7 @@ def moments(x3):
     outer, channels, inner = x3.shape
     n = outer * inner
     shift = np.asarray(x3[0, :, 0], dtype=np.float64)
-    sum_d, sum_d2 = _sums(x3, x3, shift, shift)
+    sum_d, sum_d2 = _reduce(_moments_last, _moments_first, [x3], shift)
     with np.errstate(invalid="ignore", over="ignore"):
         mean, var = eq.shifted_moments(shift, sum_d, sum_d2, n)
     bad = ~(np.isfinite(mean) & np.isfinite(var))
@@ -327,7 +395,7 @@ def scale_shift(x3, mean, y_coef, offset, out3=None):
 
 def grad_sums(dy3, x3, mean):
     """sum(dy) and sum(dy * (x - mean)) per channel."""
-    return _sums(dy3, x3, np.zeros(x3.shape[1]), mean)
+    return _reduce(_grad_sums_last, _grad_sums_first, [dy3, x3], mean)
 
 
 def grad_apply(dy3, x3, mean, coefs, out3=None):

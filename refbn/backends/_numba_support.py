@@ -1,4 +1,6 @@
-"""float16 / bfloat16 inside numba kernels, which support neither type.
+"""What the numba kernels need beyond numba: half-precision values and a prefetch hint.
+
+float16 / bfloat16 inside numba kernels, which support neither type.
 
 Half-precision arrays reach the kernels as uint16 views of their bits, with
 a ``kind`` flag (BF16 or F16).  ``decode`` turns one stored value (a float,
@@ -20,6 +22,7 @@ format, by one half-ulp (covered by the numba tolerances).
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 NATIVE, BF16, F16 = 0, 1, 2
@@ -134,3 +137,23 @@ def storage(a):
     if a.dtype.itemsize == 2:
         return a.view(np.uint16), (F16 if a.dtype == np.float16 else BF16)
     return a, NATIVE
+
+
+@intrinsic
+def prefetch(typingctx, array, offset):
+    """Hint the cache to fetch array's element ``offset`` (flat, in elements) for reading.
+
+    A prefetch never faults, so offsets past the end are harmless; LLVM
+    emits PREFETCHT0 on x86 (nothing where the target has no prefetch)."""
+    if not isinstance(array, types.Array) or not isinstance(offset, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return types.void(array, offset), codegen
