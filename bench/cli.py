@@ -49,6 +49,10 @@ def configure(p):
                    help="cold: evict the caches before every timed call (default); warm: don't")
     p.add_argument("--gap-ms", type=float, default=5.0,
                    help="pause before every timed call, so the previous contender's threads sleep (default 5)")
+    p.add_argument("--numba-layer", default="workqueue", choices=("workqueue", "omp", "tbb", "default"),
+                   help="numba threading layer for this run (default workqueue: its idle threads sleep, so they "
+                        "do not steal the cores from TF's threads or other processes between calls; "
+                        "'default' keeps numba's choice or NUMBA_THREADING_LAYER)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jit", action="store_true",
                    help="also measure numba's cold compile and warm start in fresh processes")
@@ -169,6 +173,9 @@ def main(args):
         return 2
     threads = args.threads or os.cpu_count() or 1
     import numba
+    if args.numba_layer != "default":
+        numba.config.THREADING_LAYER = args.numba_layer   # read at numba's first parallel launch
+        os.environ["NUMBA_THREADING_LAYER"] = args.numba_layer   # and by the worker processes
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     backends = [b for b in ("numpy", "numba") if b in contenders]
     tf_module, tf_kernel, notes = None, None, []
@@ -242,7 +249,7 @@ def main(args):
     info["wall_s"] = time.perf_counter() - t_start
     config = {"shapes": [str(s) for s in shapes], "ops": ops, "contenders": contenders, "repeats": args.repeats,
               "warmup": args.warmup, "cache": args.cache, "gap_ms": args.gap_ms, "seed": args.seed,
-              "dtype": "float32", "epsilon": data.EPSILON}
+              "numba_layer": args.numba_layer, "dtype": "float32", "epsilon": data.EPSILON}
     result = {"machine": info, "config": config, "records": records, "goals": report.goals(records),
               "jit": {"this_process": _jit_stats() if "numba" in backends else {},
                       "first_call_s": {f"{r['shape']} {r['op']}": r["contenders"]["numba"]["first_call_s"]
