@@ -92,8 +92,9 @@ def main(args):
                 results.append(r)
                 prog.update(task, advance=1, description=r.descriptor[:40])
     except TFUnavailable as e:
-        err.print(f"refbn verify: TensorFlow could not be started: {e}\n"
-                  "Install it with: pip install -e \".[tf]\"  (tensorflow-cpu and keras)", markup=False)
+        hint = ("\nInstall it with: pip install -e \".[tf]\"  (tensorflow-cpu and keras)"
+                if not results else f"\n(after {len(results)} check(s); the last case sent may have crashed it)")
+        err.print(f"refbn verify: TensorFlow failed: {e}{hint}", markup=False)
         return 2
     except ImportError as e:
         err.print(f"refbn verify: --backend {args.backend} is not available here: {e}", markup=False)

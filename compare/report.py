@@ -82,6 +82,9 @@ def print_report(console, results, detail=False):
         console.print("\n[bold]Convention gaps (facts, not failures)[/]")
         for r, f in facts:
             console.print(f"  {r.descriptor} [{r.kernel_used}]: {f}", markup=False, highlight=False)
+    gaps = kernel_gap_table(results)
+    if gaps is not None:
+        console.print(gaps)
     seen = sorted({d for r in results for d in r.divergences})
     if seen:
         console.print("\n[bold]Documented divergences seen[/] (refbn verify --divergences explains each)")
@@ -100,6 +103,31 @@ def print_report(console, results, detail=False):
     line = ", ".join(f"{counts[v]} {v}" for v in ("exact", "close", "divergence", "unsupported", "FAIL")
                      if counts[v])
     console.print(f"\n[bold]{len(results)} checks[/] ({line})")
+
+
+def kernel_gap_table(results):
+    """How far TF's two CPU kernels are from each other, per output (cases where both ran)."""
+    per = {}
+    seen = set()
+    for r in results:
+        if not r.kernel_gap or r.descriptor in seen or r.kernel_used == "eigen" and r.kernel == "onednn":
+            continue  # float16 runs Eigen in both processes: nothing to compare
+        seen.add(r.descriptor)
+        for o, (ulps, dist) in r.kernel_gap.items():
+            p = per.setdefault(o, {"n": 0, "same": 0, "max": 0.0, "dist": 0, "worst": ""})
+            p["n"] += 1
+            p["same"] += dist == 0
+            if ulps > p["max"]:
+                p["max"], p["worst"] = ulps, r.descriptor
+            p["dist"] = max(p["dist"], dist)
+    if not per:
+        return None
+    t = Table(title="TF oneDNN vs TF Eigen (same inputs)", box=box.SIMPLE_HEAVY)
+    for name in ("output", "cases", "bit-identical", "max diff eps", "max ulps apart", "worst case"):
+        t.add_column(name, justify="left" if name in ("output", "worst case") else "right")
+    for o, p in per.items():
+        t.add_row(o, str(p["n"]), str(p["same"]), _eps(p["max"]), str(p["dist"]), p["worst"])
+    return t
 
 
 def divergences_table():

@@ -20,6 +20,7 @@ import numpy as np
 
 import refbn
 from refbn import dtypes
+from refbn.testing import compare
 
 from . import cases as cases_mod
 from . import divergences as div
@@ -115,6 +116,7 @@ class CaseResult:
     divergences: list = field(default_factory=list)  # names of documented divergences seen
     notes: list = field(default_factory=list)
     facts: list = field(default_factory=list)
+    kernel_gap: dict = field(default_factory=dict)  # oneDNN vs Eigen on this case (both run)
     seconds: float = 0.0
 
     @property
@@ -135,6 +137,8 @@ class CaseResult:
                 "backend": self.backend, "verdict": self.verdict, "failures": self.failures,
                 "divergences": self.divergences, "notes": self.notes, "facts": self.facts,
                 "outputs": [o.as_dict() for o in self.outputs], "repro": self.repro(),
+                "onednn_vs_eigen": {k: {"max_ulps": v[0], "max_ulp_distance": v[1]}
+                                    for k, v in self.kernel_gap.items()},
                 "seconds": round(self.seconds, 3)}
 
 
@@ -378,6 +382,23 @@ def _convention_gap_fact(res, side, tf_arrays):
                             f"documented convention gap by {err:.3g} (allowed {allowed:.3g})")
 
 
+def kernel_gap(case, received, side):
+    """oneDNN vs Eigen on the same case: {output: (normalised max error in eps, ulps apart)}."""
+    (a, _), (b, _) = received["onednn"], received["eigen"]
+    outputs = (metrics.PARITY if case.kind == "parity" else
+               (metrics.FWD_TRAIN if case.is_training else metrics.FWD_INFER) + metrics.GRAD)
+    gap = {}
+    for o in outputs:
+        key = metrics.key(o)
+        if key not in a or key not in b or (case.kind == "op" and case.count == 0):
+            continue
+        dt = metrics.output_dtype(o, case.dtype)
+        scale = side.scales.get(o) if case.kind == "op" else None
+        c = compare(a[key], b[key], o, dt, "tf_eigen" if case.kind == "op" else f"{case.mode}_parity", scale)
+        gap[o] = (c.max_ulps, c.max_ulp_distance)
+    return gap
+
+
 # -- the driver -------------------------------------------------------------------------------
 def verify(cases, backend="numpy", kernels=KERNELS, ahead=3, on_start=None):
     """Yield a :class:`CaseResult` per (case, kernel, backend), in order.
@@ -417,14 +438,19 @@ def verify(cases, backend="numpy", kernels=KERNELS, ahead=3, on_start=None):
                 t0 = time.perf_counter()
                 sides[name] = (refbn_side if case.kind == "op" else parity_side)(case, name)
                 sides[name] = (sides[name], time.perf_counter() - t0)
+            received = {}
             for k, w in workers.items():
                 jid, arrays, info = w.receive()
                 assert jid == i, (jid, i)
-                judge = judge_op if case.kind == "op" else judge_parity
+                received[k] = (arrays, info)
+            gap = kernel_gap(case, received, sides[names[0]][0]) if len(received) == 2 else {}
+            judge = judge_op if case.kind == "op" else judge_parity
+            for k, (arrays, info) in received.items():
                 for name in names:
                     side, t_side = sides[name]
                     t1 = time.perf_counter()
                     res = judge(case, side, arrays, info, k, name)
+                    res.kernel_gap = gap
                     res.seconds = t_side + (time.perf_counter() - t1)
                     yield res
             top_up(i + 1 + ahead)
