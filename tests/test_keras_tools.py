@@ -171,14 +171,14 @@ def test_chan_merge_is_exact_and_averaging_is_not():
     rng = np.random.default_rng(1)
     parts = [rng.normal(loc, 2.0, size=(n, 5, 5, 4)).astype(np.float32)
              for loc, n in ((0.0, 1), (3.0, 2), (-1.0, 3))]
-    each = [Moments.of(p) for p in parts]
+    each = [Moments.from_array(p) for p in parts]
     merged = each[0]
     for m in each[1:]:
         merged = merged.merge(m)
     allx = np.concatenate(parts).astype(np.float64)
     assert merged.count == allx.size // 4
     assert_close(merged.mean, allx.mean(axis=(0, 1, 2)), "mean", "float64", "merge")
-    assert_close(merged.variance(), allx.var(axis=(0, 1, 2)), "variance", "float64", "merge")
+    assert_close(merged.variance, allx.var(axis=(0, 1, 2)), "variance", "float64", "merge")
     _, averaged = average_of_batch_moments(each)
     assert not compare(averaged, allx.var(axis=(0, 1, 2)), "variance", "float64", "merge").passed
 

@@ -417,15 +417,15 @@ def main(args):
         model.set_weights(trained)
         _, io = cap.capture(model, x, [first], training=False)
         xin = io[first][0]
-    each = [Moments.of(xin[i:i + 1], first.axis) for i in range(len(xin))]
-    exact = Moments.of(xin, first.axis)
+    each = [Moments.from_array(xin[i:i + 1], axis=first.axis) for i in range(len(xin))]
+    exact = Moments.from_array(xin, axis=first.axis)
     merged = each[0]
     for mo in each[1:]:
         merged = merged.merge(mo)
     _, avg_var = average_of_batch_moments(each)
     say(f"recalibrate keeps (count, mean, M2) per batch and merges them exactly (Chan et al.), so the batch "
         f"size does not change its result. On {first.name!r} with one image per batch: merged variance "
-        f"{np.median(merged.variance()):.6g}, all images at once {np.median(exact.variance()):.6g} (median over "
+        f"{np.median(merged.variance):.6g}, all images at once {np.median(exact.variance):.6g} (median over "
         f"channels); averaging the per-image variances, as most precise-BN tools do, gives "
         f"{np.median(avg_var):.6g}, because it drops the spread between the images' means.", highlight=False)
     n_stat = rows[-1]["n"] // args.images

@@ -16,45 +16,14 @@ variance 1) still hold after ``steps`` updates, as Adam does:
 estimate = (moving - momentum**t * initial) / (1 - momentum**t).  Exact when the
 batch statistics did not change during training; a cheap first aid otherwise.
 """
-from collections import namedtuple
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import backends, equations as eq
-from ..layout import Layout
+from .. import equations as eq
+from ..stats import Moments
 from . import capture as cap
 from ._backend import keras
-
-
-class Moments(namedtuple("Moments", "count mean m2")):
-    """Per-channel (count, mean, M2 = sum of squared deviations from the mean), float64.
-
-    Two summaries merge exactly and in any order (Chan et al.), which is what lets
-    recalibration run batch by batch, and later shard by shard.
-    """
-
-    @classmethod
-    def empty(cls, channels):
-        return cls(0, np.zeros(channels), np.zeros(channels))
-
-    @classmethod
-    def of(cls, x, axis=-1):
-        """Moments of one array over every axis but ``axis`` (refbn's float64 reference)."""
-        x = np.asarray(x)
-        layout = Layout.from_axis(x.shape, axis)
-        mean, var = backends.get("numpy").moments(layout.to3(x))
-        return cls(layout.count, mean, var * layout.count)
-
-    def merge(self, other):
-        return Moments(*eq.chan_merge(self.count, self.mean, self.m2, other.count, other.mean, other.m2))
-
-    def variance(self, unbiased=False):
-        """M2 / n (biased, Keras 3's convention) or M2 / max(n - 1, 1) (unbiased)."""
-        if self.count == 0:
-            raise ValueError("data: no values reached this layer (empty data)")
-        var = self.m2 / self.count
-        return var * eq.bessel_factor(self.count) if unbiased else var
 
 
 def average_of_batch_moments(batch_moments):
@@ -196,7 +165,7 @@ def layer_moments(model, layer, data_batches, calls=1, per_batch=False):
 
     def before(lyr, inputs, kwargs):
         _check_mask(lyr, kwargs)
-        seen.append(Moments.of(cap.to_numpy(inputs), lyr.axis))
+        seen.append(Moments.from_array(cap.to_numpy(inputs), axis=lyr.axis))
         if len(seen) >= calls:
             raise cap.StopForward
 
@@ -261,7 +230,7 @@ def recalibrate(model, data=None, batch_size=32, layers=None, unbiased=False, ve
 def _recalibrate(model, order, calls, data_batches, unbiased, verbose, result):
 
     def replace(layer, m):
-        mean, var = m.mean, m.variance(unbiased)
+        mean, var = m.mean, (m.unbiased_variance if unbiased else m.variance)
         old_m, old_v = (cap.to_numpy(v).astype(np.float64) for v in (layer.moving_mean, layer.moving_variance))
         cap.write_statistics(layer, mean, var)
         result.layers.append(LayerStatistics(layer, m, old_m, old_v, mean, var))
@@ -275,7 +244,7 @@ def _recalibrate(model, order, calls, data_batches, unbiased, verbose, result):
         # the output of recalibrated layers.
         def before(layer, inputs, kwargs):
             _check_mask(layer, kwargs)
-            replace(layer, Moments.of(cap.to_numpy(inputs), layer.axis))
+            replace(layer, Moments.from_array(cap.to_numpy(inputs), axis=layer.axis))
 
         with cap.hooked(order, before=before):
             cap.run(model, data_batches[0], training=False)

@@ -257,7 +257,7 @@ def recalibrate_sharded(model, data=None, *, shards=None, strategy=None, batch_s
             old_m, old_v = (cap.to_numpy(v).astype(np.float64)
                             for v in (layer.moving_mean, layer.moving_variance))
             cap.write_statistics(layer, mean, var)
-            result.layers.append(rc.LayerStatistics(layer, rc.Moments(m.count, m.mean, m.m2),
+            result.layers.append(rc.LayerStatistics(layer, m,
                                                     old_m, old_v, mean, var))
             if verbose:
                 print(f"[{i + 1}/{len(order)}] {layer.name}: n={m.count} over {len(shards)} shard(s), "
