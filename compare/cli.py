@@ -23,7 +23,8 @@ def configure(p):
     p.add_argument("cases", nargs="*", metavar="CASE",
                    help="case descriptors (e.g. n27h131w127c6:f32:NHWC:train:eaf0.6) or suite names ("
                         + ", ".join(cases_mod.SUITES) + ", all); default: the whole registry")
-    p.add_argument("--backend", default="numpy", choices=backends.NAMES, help="refbn backend under test")
+    p.add_argument("--backend", default="numpy", choices=backends.NAMES + ("all",),
+                   help="refbn backend under test; 'all': every available backend against the same TF run")
     p.add_argument("--tf-kernel", default="both", choices=KERNELS + ("both",),
                    help="TF CPU kernel family: oneDNN (TF's default), Eigen (TF_ENABLE_ONEDNN_OPTS=0) or both")
     p.add_argument("--json", metavar="FILE", help="write every metric of every check to FILE")
@@ -73,6 +74,7 @@ def main(args):
         con.print(f"{len(selected)} cases")
         return 0
     kernels = KERNELS if args.tf_kernel == "both" else (args.tf_kernel,)
+    names = backends.available() if args.backend == "all" else args.backend
     meta = {"refbn": __version__, "backend": args.backend, "tf_kernels": list(kernels),
             "cases": [c.descriptor() for c in selected]}
     results = []
@@ -82,13 +84,14 @@ def main(args):
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=err, transient=True) as prog:
-            task = prog.add_task("starting TensorFlow", total=len(selected) * len(kernels))
+            n_backends = 1 if isinstance(names, str) else len(names)
+            task = prog.add_task("starting TensorFlow", total=len(selected) * len(kernels) * n_backends)
 
             def started(hello):
                 meta["tf"] = hello
                 prog.update(task, description="verifying")
 
-            for r in verify(selected, backend=args.backend, kernels=kernels, on_start=started):
+            for r in verify(selected, backend=names, kernels=kernels, on_start=started):
                 results.append(r)
                 prog.update(task, advance=1, description=r.descriptor[:40])
     except TFUnavailable as e:

@@ -23,20 +23,23 @@ def _eps(v):
     return f"{v:.2g}" if v < 1e4 else f"{v:.1e}"
 
 
-def case_row(r):
+def case_row(r, show_backend=False):
     w = r.worst("refbn_vs_tf")
     if w is None:
         cells = ("-", "-", "-", "-", "-")
     else:
         wt = r.worst("tf_vs_truth")
         wr = r.worst("refbn_vs_truth")
-        cells = (w.output, _eps(w.refbn_vs_tf.max_ulps) + f" / {w.refbn_vs_tf.allowed_ulps:g}",
+        cells = (w.output, _eps(w.refbn_vs_tf.max_ulps) + f" / {w.refbn_vs_tf.allowed_ulps:.4g}",
                  f"{_eps(wt.tf_vs_truth.max_ulps)} ({wt.output})", _eps(wr.refbn_vs_truth.max_ulps),
                  w.closer)
     notes = [_DIV_SHORT.get(d, d) for d in r.divergences]
     if any("not run" in n for n in r.notes):
         notes += [n for n in r.notes if "not run" in n]
-    return (r.descriptor, r.kernel_used if r.kernel_used == r.kernel else f"{r.kernel}->{r.kernel_used}",
+    kernel = r.kernel_used if r.kernel_used == r.kernel else f"{r.kernel}->{r.kernel_used}"
+    if show_backend:
+        kernel += f" / {r.backend}"
+    return (r.descriptor, kernel,
             f"[{STYLE[r.verdict]}]{r.verdict}[/]", *cells, "; ".join(dict.fromkeys(notes)))
 
 
@@ -47,8 +50,9 @@ def results_table(results, title="refbn vs TensorFlow"):
                      ("TF↔truth eps", {"justify": "right"}), ("refbn↔truth eps", {"justify": "right"}),
                      ("closer", {}), ("notes", {"overflow": "fold"})):
         t.add_column(name, **kw)
+    show_backend = len({r.backend for r in results}) > 1
     for r in results:
-        t.add_row(*case_row(r))
+        t.add_row(*case_row(r, show_backend))
     return t
 
 
@@ -60,7 +64,7 @@ def detail_table(r):
     for o in r.outputs:
         a, b, c = o.refbn_vs_tf, o.tf_vs_truth, o.refbn_vs_truth
         t.add_row(o.output, o.dtype, f"{a.max_abs:.3g}", f"{a.max_rel:.3g}", str(a.max_ulp_distance),
-                  f"{_eps(a.max_ulps)}/{a.allowed_ulps:g}", f"{b.max_abs:.3g}", f"{b.max_rel:.3g}",
+                  f"{_eps(a.max_ulps)}/{a.allowed_ulps:.4g}", f"{b.max_abs:.3g}", f"{b.max_rel:.3g}",
                   str(b.max_ulp_distance), f"{c.max_abs:.3g}", str(c.max_ulp_distance), o.closer)
     return t
 
