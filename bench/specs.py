@@ -121,10 +121,14 @@ def load(source):
     elif os.path.isfile(os.path.join(SHAPES_DIR, f"{source}.txt")):
         path = os.path.join(SHAPES_DIR, f"{source}.txt")
     if path is None:
-        if not any(ch.isdigit() for ch in source):
+        try:
+            found = [parse(t) for t in source.split(",") if t.strip()]
+        except ValueError as e:
             raise ValueError(f"--shapes: {source!r} is neither a shape list ({', '.join(named_lists())}), "
-                             f"a file, nor descriptors such as 32x56x56x64,2048x1024")
-        return [parse(t) for t in source.split(",") if t.strip()]
+                             f"a file, nor descriptors such as 32x56x56x64,2048x1024 ({e})") from None
+        if not found:
+            raise ValueError(f"--shapes: expected at least one shape, got {source!r}")
+        return found
     specs = []
     with open(path, encoding="utf-8") as f:
         for line in f:

@@ -1,0 +1,114 @@
+"""refbn bench: shape descriptors, refusal of wrong kernels, and a smoke run of the harness.
+No timing is asserted anywhere: speed is measured by `refbn bench`, not by tests."""
+import json
+
+import numpy as np
+import pytest
+
+from refbn import cli
+from refbn.bench import data, runner, specs
+
+
+@pytest.mark.parametrize("text, shape, fmt", [
+    ("32x56x56x64", (32, 56, 56, 64), "NHWC"),
+    ("n32h56w56c64", (32, 56, 56, 64), "NHWC"),
+    ("32x64x56x56:NCHW", (32, 64, 56, 56), "NCHW"),
+    ("n32c64h56w56:nchw", (32, 64, 56, 56), "NCHW"),
+    ("w56h56c64n32:NCHW", (32, 64, 56, 56), "NCHW"),   # letters in any order; the layout orders them
+    ("2048x1024", (2048, 1024), "NC"),
+    ("n8d4h5w6c3", (8, 4, 5, 6, 3), "NDHWC"),
+    ("8x3x4x5x6:NCDHW", (8, 3, 4, 5, 6), "NCDHW"),
+])
+def test_descriptors_parse_and_round_trip(text, shape, fmt):
+    s = specs.parse(text)
+    assert (s.shape, s.data_format) == (shape, fmt)
+    assert specs.parse(str(s)) == s
+    assert specs.parse(str(s.channels_last_twin)).data_format in ("NHWC", "NDHWC", "NC")
+
+
+@pytest.mark.parametrize("text, match", [
+    ("2x3x4x5x6x7", "do not fit layout"),
+    ("32x56x56x64:NCDHW", "do not fit layout"),
+    ("n32h56c64", "needs the dimensions"),
+    ("n3q4c5", "expected letters"),
+    ("n3n4c5", "given twice"),
+    ("0x4x4x4", "every size must be >= 1"),
+    ("4x4x4x4:NHCW", "is not one of"),
+])
+def test_bad_descriptors_say_what_is_expected(text, match):
+    with pytest.raises(ValueError, match=match):
+        specs.parse(text)
+
+
+def test_named_shape_lists_parse():
+    for name in specs.named_lists():
+        assert specs.load(name)
+    r50 = specs.load("resnet50")
+    for want in ("n32h56w56c64", "n64h28w28c128", "n128h14w14c256", "n256h7w7c512", "n2048c1024"):
+        assert specs.parse(want) in r50
+    with pytest.raises(ValueError, match="neither a shape list"):
+        specs.load("resnet5")
+
+
+def test_a_wrong_kernel_is_refused_and_never_timed():
+    inp = data.add_truth(data.make(specs.parse("4x6x6x8")), ["train"])
+    scales = data.scales(inp, "train")
+    good = runner.refbn_contenders(inp, "train", ["numba"], {})[0]
+
+    def off_by_three_ulps():
+        out = good.outputs()
+        y = out["y"].copy().reshape(-1)
+        k = np.argmax(np.abs(y))     # 3 ulps off where |y| is largest: > 1.5 eps of the value itself
+        for _ in range(3):
+            y[k] = np.nextafter(y[k], np.inf)
+        return dict(out, y=y.reshape(out["y"].shape))
+    calls = []
+    bad = runner.Contender("numba", "refbn", lambda: calls.append(1), off_by_three_ulps, "numba")
+    assert runner.validate(good, inp, "train", scales)
+    assert not runner.validate(bad, inp, "train", scales)
+    assert "y (f32, numba)" in bad.refused and "allowed 1 eps" in bad.refused
+    runner.time_group([good, bad], repeats=2, warmup=1, flush=lambda: None, gap_s=0)
+    assert calls == [] and bad.times == [] and len(good.times) == 2
+
+
+def test_smoke_run_validates_times_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    png = tmp_path / "bench.png"
+    rc = cli.main(["bench", "--shapes", "smoke", "--contenders", "numpy,numba", "--repeats", "2", "--warmup", "0",
+                   "--cache", "warm", "--gap-ms", "0", "--json", str(out), "--plot", str(png)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "Times (median and min" in text and "x floor" in text
+    res = json.loads(out.read_text())
+    shapes = [str(s) for s in specs.load("smoke")]
+    assert [(r["shape"], r["op"]) for r in res["records"]] == [(s, op) for s in shapes for op in data.OPS]
+    for rec in res["records"]:
+        assert rec["floor_ms"] > 0
+        for name in ("numpy", "numba"):
+            c = rec["contenders"][name]
+            assert c["refused"] is None and len(c["times_ms"]) == 2
+            assert {k["output"] for k in c["checks"]} == set(data.OUTPUTS[rec["op"]])
+            assert all(k["passed"] for k in c["checks"])
+    assert res["machine"]["cores"] >= 1 and res["config"]["cache"] == "warm"
+    assert png.stat().st_size > 1000
+
+
+def test_bad_arguments_exit_with_a_message(capsys):
+    with pytest.raises(SystemExit, match="--ops"):
+        cli.main(["bench", "--ops", "train,fly"])
+    assert cli.main(["bench", "--shapes", "nothing"]) == 2
+    assert "neither a shape list" in capsys.readouterr().out
+
+
+@pytest.mark.tf
+def test_tf_contender_is_validated_and_timed(tmp_path):
+    pytest.importorskip("tensorflow")
+    out = tmp_path / "bench.json"
+    rc = cli.main(["bench", "--shapes", "4x8x8x16,64x32", "--contenders", "numba,tf", "--repeats", "1",
+                   "--warmup", "0", "--cache", "warm", "--gap-ms", "0", "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    for rec in res["records"]:
+        tf = rec["contenders"]["tf_onednn"]
+        assert tf["refused"] is None and tf["times_ms"] and all(k["passed"] for k in tf["checks"])
+        assert "x_tf_onednn" in rec["contenders"]["numba"]
