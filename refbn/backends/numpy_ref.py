@@ -47,7 +47,7 @@ def _dot(a, b):
 
 
 def _blocks(a):
-    step = max(1, _BLOCK_VALUES // max(1, a[0].size))
+    step = max(1, _BLOCK_VALUES // max(1, int(np.prod(a.shape[1:]))))  # a may have 0 rows (N == 0)
     for start in range(0, a.shape[0], step):
         yield slice(start, min(a.shape[0], start + step))
 
