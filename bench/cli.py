@@ -47,8 +47,9 @@ def configure(p):
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per contender first (default 2)")
     p.add_argument("--cache", choices=("cold", "warm"), default="cold",
                    help="cold: evict the caches before every timed call (default); warm: don't")
-    p.add_argument("--gap-ms", type=float, default=5.0,
-                   help="pause before every timed call, so the previous contender's threads sleep (default 5)")
+    p.add_argument("--gap-ms", type=float, default=None,
+                   help="pause before every timed call, so the previous contender's spinning threads sleep "
+                        "(default 0 with --cache cold, whose flush already separates the calls; 2 with warm)")
     p.add_argument("--numba-layer", default="workqueue", choices=("workqueue", "omp", "tbb", "default"),
                    help="numba threading layer for this run (default workqueue: its idle threads sleep, so they "
                         "do not steal the cores from TF's threads or other processes between calls; "
@@ -168,6 +169,8 @@ def main(args):
         return 2
     ops = _parse_list(args.ops, data.OPS, "--ops")
     contenders = _parse_list(args.contenders, CONTENDERS, "--contenders")
+    if args.gap_ms is None:
+        args.gap_ms = 0.0 if args.cache == "cold" else 2.0
     if args.repeats < 1 or args.warmup < 0:
         console.print("refbn bench: --repeats must be >= 1 and --warmup >= 0")
         return 2

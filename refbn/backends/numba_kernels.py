@@ -9,7 +9,7 @@ compiled by numba.  Only the reductions are written here.
 Layouts.  Every layout arrives as the canonical (outer, C, inner) view:
 
 * inner == 1 (NC, NWC, NHWC, NDHWC): a (rows, C) matrix, cut into blocks of
-  rows; the loop over C is the vectorised one.  Few channels (C < 32) would
+  rows; the loop over C is the vectorised one.  Few channels (C < 64) would
   leave that loop short, so the matrix is viewed as (rows/k, k*C) with the
   per-channel vectors tiled k times ("virtual channels"), and the k partial
   sums of each channel are added afterwards.
@@ -77,7 +77,7 @@ class _Kernel:
         self.__doc__ = fn.__doc__
 
     def __call__(self, size, *args):
-        (self.parallel if size >= _PARALLEL_MIN_VALUES else self.serial)(*args)
+        return (self.parallel if size >= _PARALLEL_MIN_VALUES else self.serial)(*args)
 
 
 def _kernel(fastmath):
@@ -85,7 +85,7 @@ def _kernel(fastmath):
 
 
 # ----------------------------------------------------------------------------------------------
-# kernels on (rows, C) matrices: channels last
+# kernels on (rows, width) matrices: channels last, width = copies * C virtual channels
 # ----------------------------------------------------------------------------------------------
 @njit(cache=True)
 def _zeros_aligned(n):
@@ -95,25 +95,48 @@ def _zeros_aligned(n):
     return buf[start:start + n]
 
 
+@njit(cache=True)
+def _tiled(v, width):
+    """v (one value per channel) repeated along ``width`` virtual channels."""
+    out = np.empty(width)
+    for j in range(width):
+        out[j] = v[j % v.shape[0]]
+    return out
+
+
+@njit(cache=True)
+def _fold(partial, channels):
+    """Per-channel totals of per-block partial sums over ``copies * channels`` virtual channels."""
+    total = np.zeros(channels)
+    for b in range(partial.shape[0]):
+        for j in range(partial.shape[1]):
+            total[j % channels] += partial[b, j]
+    return total
+
+
 @_kernel(_REDUCE)
-def _moments_last(x, kind, shift, rows, ahead_bytes, out1, out2):
-    """Per block b of ``rows`` rows: out1[b] = sum(d), out2[b] = sum(d * d), d = x - shift.
+def _moments_last(x, kind, shift, rows, ahead_bytes):
+    """(sum(d), sum(d * d)) per channel, d = x - shift, with float64 partial sums per block.
 
     Four rows at a time, so the running sums (in memory: C is not known when
     compiling) are loaded and stored once per four values."""
-    total, channels = x.shape
+    total, width = x.shape
+    sh = _tiled(shift, width)
+    blocks = (total + rows - 1) // rows
+    p1 = np.empty((blocks, width))
+    p2 = np.empty((blocks, width))
     ahead = ahead_bytes // x.itemsize
     line = 64 // x.itemsize
-    for b in prange(out1.shape[0]):
-        s1 = _zeros_aligned(channels)
-        s2 = _zeros_aligned(channels)
+    for b in prange(blocks):
+        s1 = _zeros_aligned(width)
+        s2 = _zeros_aligned(width)
         end = min(total, (b + 1) * rows)
         r = b * rows
         while r + 4 <= end:
-            for i in range(0, 4 * channels if ahead else 0, line):
-                prefetch(x, r * channels + ahead + i)
-            for c in range(channels):
-                k = shift[c]
+            for i in range(0, 4 * width if ahead else 0, line):
+                prefetch(x, r * width + ahead + i)
+            for c in range(width):
+                k = sh[c]
                 d0 = decode(x[r, c], kind) - k
                 d1 = decode(x[r + 1, c], kind) - k
                 d2 = decode(x[r + 2, c], kind) - k
@@ -122,31 +145,36 @@ def _moments_last(x, kind, shift, rows, ahead_bytes, out1, out2):
                 s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
             r += 4
         for rr in range(r, end):
-            for c in range(channels):
-                d = decode(x[rr, c], kind) - shift[c]
+            for c in range(width):
+                d = decode(x[rr, c], kind) - sh[c]
                 s1[c] += d
                 s2[c] += d * d
-        out1[b, :] = s1
-        out2[b, :] = s2
+        p1[b, :] = s1
+        p2[b, :] = s2
+    return _fold(p1, shift.shape[0]), _fold(p2, shift.shape[0])
 
 
 @_kernel(_REDUCE)
-def _grad_sums_last(dy, x, kind, mean, rows, ahead_bytes, out1, out2):
-    """Per block b of ``rows`` rows: out1[b] = sum(dy), out2[b] = sum(dy * (x - mean))."""
-    total, channels = x.shape
+def _grad_sums_last(dy, x, kind, mean, rows, ahead_bytes):
+    """(sum(dy), sum(dy * (x - mean))) per channel, with float64 partial sums per block."""
+    total, width = x.shape
+    mt = _tiled(mean, width)
+    blocks = (total + rows - 1) // rows
+    p1 = np.empty((blocks, width))
+    p2 = np.empty((blocks, width))
     ahead = ahead_bytes // x.itemsize
     line = 64 // x.itemsize
-    for b in prange(out1.shape[0]):
-        s1 = _zeros_aligned(channels)
-        s2 = _zeros_aligned(channels)
+    for b in prange(blocks):
+        s1 = _zeros_aligned(width)
+        s2 = _zeros_aligned(width)
         end = min(total, (b + 1) * rows)
         r = b * rows
         while r + 4 <= end:
-            for i in range(0, 4 * channels if ahead else 0, line):
-                prefetch(dy, r * channels + ahead + i)
-                prefetch(x, r * channels + ahead + i)
-            for c in range(channels):
-                m = mean[c]
+            for i in range(0, 4 * width if ahead else 0, line):
+                prefetch(dy, r * width + ahead + i)
+                prefetch(x, r * width + ahead + i)
+            for c in range(width):
+                m = mt[c]
                 g0 = decode(dy[r, c], kind)
                 g1 = decode(dy[r + 1, c], kind)
                 g2 = decode(dy[r + 2, c], kind)
@@ -156,43 +184,45 @@ def _grad_sums_last(dy, x, kind, mean, rows, ahead_bytes, out1, out2):
                           + (g2 * (decode(x[r + 2, c], kind) - m) + g3 * (decode(x[r + 3, c], kind) - m)))
             r += 4
         for rr in range(r, end):
-            for c in range(channels):
+            for c in range(width):
                 g = decode(dy[rr, c], kind)
                 s1[c] += g
-                s2[c] += g * (decode(x[rr, c], kind) - mean[c])
-        out1[b, :] = s1
-        out2[b, :] = s2
+                s2[c] += g * (decode(x[rr, c], kind) - mt[c])
+        p1[b, :] = s1
+        p2[b, :] = s2
+    return _fold(p1, mean.shape[0]), _fold(p2, mean.shape[0])
 
 
 @_kernel(_FMA)
 def _scale_shift_last(x, kind, mean, y_coef, offset, rows, ahead_bytes, y):
-    total, channels = x.shape
+    total, width = x.shape
+    m, k, o = _tiled(mean, width), _tiled(y_coef, width), _tiled(offset, width)
     blocks = (total + rows - 1) // rows
     ahead = ahead_bytes // x.itemsize
     line = 64 // x.itemsize
     for b in prange(blocks):
         for r in range(b * rows, min(total, (b + 1) * rows)):
-            for i in range(0, channels if ahead else 0, line):
-                prefetch(x, r * channels + ahead + i)
-            for c in range(channels):
-                v = _batch_norm(decode(x[r, c], kind) - mean[c], y_coef[c], offset[c])
-                y[r, c] = encode(v, y, kind)
+            for i in range(0, width if ahead else 0, line):
+                prefetch(x, r * width + ahead + i)
+            for c in range(width):
+                y[r, c] = encode(_batch_norm(decode(x[r, c], kind) - m[c], k[c], o[c]), y, kind)
 
 
 @_kernel(_FMA)
 def _grad_apply_last(dy, x, kind, mean, a, b_, c_, rows, ahead_bytes, dx):
-    total, channels = x.shape
+    total, width = x.shape
+    m, ta, tb, tc = _tiled(mean, width), _tiled(a, width), _tiled(b_, width), _tiled(c_, width)
     blocks = (total + rows - 1) // rows
     ahead = ahead_bytes // x.itemsize
     line = 64 // x.itemsize
     for b in prange(blocks):
         for r in range(b * rows, min(total, (b + 1) * rows)):
-            for i in range(0, channels if ahead else 0, line):
-                prefetch(dy, r * channels + ahead + i)
-                prefetch(x, r * channels + ahead + i)
-            for c in range(channels):
-                coefs = eq.BackwardCoefficients(a[c], b_[c], c_[c], 0.0, 0.0)
-                v = _batch_norm_backward(decode(dy[r, c], kind), decode(x[r, c], kind) - mean[c], coefs)
+            for i in range(0, width if ahead else 0, line):
+                prefetch(dy, r * width + ahead + i)
+                prefetch(x, r * width + ahead + i)
+            for c in range(width):
+                coefs = eq.BackwardCoefficients(ta[c], tb[c], tc[c], 0.0, 0.0)
+                v = _batch_norm_backward(decode(dy[r, c], kind), decode(x[r, c], kind) - m[c], coefs)
                 dx[r, c] = encode(v, dx, kind)
 
 
@@ -200,10 +230,12 @@ def _grad_apply_last(dy, x, kind, mean, a, b_, c_, rows, ahead_bytes, dx):
 # kernels on (N, C, inner) arrays: channels first; work item = (n, c, chunk of the plane)
 # ----------------------------------------------------------------------------------------------
 @_kernel(_REDUCE)
-def _moments_first(x, kind, shift, chunk, out1, out2):
-    """out1[n, c, j] = sum(d), out2[n, c, j] = sum(d * d), d = x - shift[c], over chunk j of plane (n, c)."""
+def _moments_first(x, kind, shift, chunk):
+    """(sum(d), sum(d * d)) per channel, d = x - shift[c], float64 sums per chunk of each plane."""
     outer, channels, inner = x.shape
-    chunks = out1.shape[2]
+    chunks = (inner + chunk - 1) // chunk
+    p1 = np.empty((outer, channels, chunks))
+    p2 = np.empty((outer, channels, chunks))
     for t in prange(outer * channels * chunks):
         j = t % chunks
         c = (t // chunks) % channels
@@ -217,15 +249,18 @@ def _moments_first(x, kind, shift, chunk, out1, out2):
             d = decode(xx[i], kind) - k
             s1 += d
             s2 += d * d
-        out1[n, c, j] = s1
-        out2[n, c, j] = s2
+        p1[n, c, j] = s1
+        p2[n, c, j] = s2
+    return p1.sum(axis=0).sum(axis=1), p2.sum(axis=0).sum(axis=1)
 
 
 @_kernel(_REDUCE)
-def _grad_sums_first(dy, x, kind, mean, chunk, out1, out2):
-    """out1[n, c, j] = sum(dy), out2[n, c, j] = sum(dy * (x - mean[c])) over chunk j of plane (n, c)."""
+def _grad_sums_first(dy, x, kind, mean, chunk):
+    """(sum(dy), sum(dy * (x - mean[c]))) per channel, float64 sums per chunk of each plane."""
     outer, channels, inner = x.shape
-    chunks = out1.shape[2]
+    chunks = (inner + chunk - 1) // chunk
+    p1 = np.empty((outer, channels, chunks))
+    p2 = np.empty((outer, channels, chunks))
     for t in prange(outer * channels * chunks):
         j = t % chunks
         c = (t // chunks) % channels
@@ -239,16 +274,16 @@ def _grad_sums_first(dy, x, kind, mean, chunk, out1, out2):
             g = decode(gg[i], kind)
             s1 += g
             s2 += g * (decode(xx[i], kind) - m)
-        out1[n, c, j] = s1
-        out2[n, c, j] = s2
+        p1[n, c, j] = s1
+        p2[n, c, j] = s2
+    return p1.sum(axis=0).sum(axis=1), p2.sum(axis=0).sum(axis=1)
 
 
 @_kernel(_FMA)
 def _scale_shift_first(x, kind, mean, y_coef, offset, chunk, y):
     outer, channels, inner = x.shape
     chunks = (inner + chunk - 1) // chunk
-    items = outer * channels * chunks
-    for t in prange(items):
+    for t in prange(outer * channels * chunks):
         j = t % chunks
         c = (t // chunks) % channels
         n = t // (chunks * channels)
@@ -265,8 +300,7 @@ def _scale_shift_first(x, kind, mean, y_coef, offset, chunk, y):
 def _grad_apply_first(dy, x, kind, mean, a, b_, c_, chunk, dx):
     outer, channels, inner = x.shape
     chunks = (inner + chunk - 1) // chunk
-    items = outer * channels * chunks
-    for t in prange(items):
+    for t in prange(outer * channels * chunks):
         j = t % chunks
         c = (t // chunks) % channels
         n = t // (chunks * channels)
@@ -294,80 +328,54 @@ def _virtual(rows, channels):
 
 
 def _row_parts(a2, k):
-    """[(matrix, copies)]: the first rows - rows % k rows as (rows/k, k*C), the rest as is."""
+    """The first rows - rows % k rows as (rows/k, k*C), then the remaining rows as they are."""
     rows, channels = a2.shape
     main = rows - rows % k
-    parts = []
-    if main:
-        parts.append((a2[:main].reshape(main // k, k * channels), k))
-    if main < rows:
-        parts.append((a2[main:], 1))
-    return parts
+    parts = [a2[:main].reshape(main // k, k * channels)] if main else []
+    return parts + ([a2[main:]] if main < rows else [])
 
 
 def _rows_per_block(width):
     return max(1, _BLOCK_VALUES // max(1, width))
 
 
+def _views(arrays):
+    """(kind, [2-D or 3-D kernel views]) of canonical arrays; channels last -> (rows, C) parts."""
+    kind = storage(arrays[0])[1]
+    ins = [storage(a)[0] for a in arrays]
+    outer, channels, inner = ins[0].shape
+    if inner > 1:
+        return kind, None, ins
+    k = _virtual(outer, channels)
+    return kind, list(zip(*[_row_parts(a.reshape(outer, channels), k) for a in ins])), ins
+
+
 def _reduce(last_kernel, first_kernel, arrays, vector):
     """Per-channel float64 (sum1, sum2) of a reduction kernel over ``arrays`` (canonical views)."""
-    outer, channels, inner = arrays[0].shape
-    stored = [storage(a) for a in arrays]
-    kind = stored[0][1]
-    ins = [s[0] for s in stored]
     vector = _f64c(vector)
-    sum1 = np.zeros(channels)
-    sum2 = np.zeros(channels)
-    if ins[0].size == 0:
-        return sum1, sum2
-    if inner == 1:
-        k = _virtual(outer, channels)
-        in_parts = [_row_parts(a.reshape(outer, channels), k) for a in ins]
-        for i, (first, copies) in enumerate(in_parts[0]):
-            width = first.shape[1]
-            rows = _rows_per_block(width)
-            blocks = -(-first.shape[0] // rows)
-            o1, o2 = np.empty((blocks, width)), np.empty((blocks, width))
-            last_kernel(first.size, *[parts[i][0] for parts in in_parts], kind, np.tile(vector, copies),
-                        rows, _PREFETCH_BYTES, o1, o2)
-            sum1 += o1.reshape(blocks * copies, channels).sum(axis=0)
-            sum2 += o2.reshape(blocks * copies, channels).sum(axis=0)
-    else:
-        chunk = _BLOCK_VALUES
-        chunks = -(-inner // chunk)
-        o1, o2 = np.empty((outer, channels, chunks)), np.empty((outer, channels, chunks))
-        first_kernel(ins[0].size, *ins, kind, vector, chunk, o1, o2)
-        sum1 += o1.sum(axis=(0, 2))
-        sum2 += o2.sum(axis=(0, 2))
-    return sum1, sum2
-
-
-def _output(x3, out3):
-    y3 = np.empty(x3.shape, x3.dtype) if out3 is None else out3
-    return y3, storage(y3)[0]
+    if arrays[0].size == 0:
+        return np.zeros(vector.shape[0]), np.zeros(vector.shape[0])
+    kind, parts, ins = _views(arrays)
+    if parts is None:
+        return first_kernel(ins[0].size, *ins, kind, vector, _BLOCK_VALUES)
+    sums = [last_kernel(p[0].size, *p, kind, vector, _rows_per_block(p[0].shape[1]), _PREFETCH_BYTES)
+            for p in parts]
+    return tuple(sum(s[i] for s in sums) for i in (0, 1))
 
 
 def _elementwise(last_kernel, first_kernel, arrays, vectors, out3):
-    """Run an elementwise kernel on inputs ``arrays`` with per-channel ``vectors``."""
+    """Run an elementwise kernel on inputs ``arrays`` with per-channel ``vectors``; returns y3."""
     x3 = arrays[-1]
-    y3, y = _output(x3, out3)
+    y3 = np.empty(x3.shape, x3.dtype) if out3 is None else out3
     if x3.size == 0:
         return y3
-    outer, channels, inner = x3.shape
-    stored = [storage(a) for a in arrays]
-    kind = stored[0][1]
-    ins = [s[0] for s in stored]
     vectors = [_f64c(v) for v in vectors]
-    if inner == 1:
-        k = _virtual(outer, channels)
-        in_parts = [_row_parts(a.reshape(outer, channels), k) for a in ins]
-        out_parts = _row_parts(y.reshape(outer, channels), k)
-        for i, (yy, copies) in enumerate(out_parts):
-            tiled = [np.tile(v, copies) for v in vectors]
-            last_kernel(yy.size, *[parts[i][0] for parts in in_parts], kind, *tiled,
-                        _rows_per_block(yy.shape[1]), _PREFETCH_BYTES, yy)
+    kind, parts, ins = _views(arrays + [y3])
+    if parts is None:
+        first_kernel(x3.size, *ins[:-1], kind, *vectors, _BLOCK_VALUES, ins[-1])
     else:
-        first_kernel(y.size, *ins, kind, *vectors, _BLOCK_VALUES, y)
+        for p in parts:
+            last_kernel(p[0].size, *p[:-1], kind, *vectors, _rows_per_block(p[0].shape[1]), _PREFETCH_BYTES, p[-1])
     return y3
 
 
@@ -377,12 +385,11 @@ def _elementwise(last_kernel, first_kernel, arrays, vectors, out3):
 def moments(x3):
     """Per-channel mean and biased variance from one shifted pass (see the module docstring)."""
     outer, channels, inner = x3.shape
-    n = outer * inner
     shift = np.asarray(x3[0, :, 0], dtype=np.float64)
     sum_d, sum_d2 = _reduce(_moments_last, _moments_first, [x3], shift)
     with np.errstate(invalid="ignore", over="ignore"):
-        mean, var = eq.shifted_moments(shift, sum_d, sum_d2, n)
-    bad = ~(np.isfinite(mean) & np.isfinite(var))
+        mean, var = eq.shifted_moments(shift, sum_d, sum_d2, outer * inner)
+    bad = ~np.isfinite(mean + var)
     if bad.any():   # NaN/Inf in x: let the reference decide where they go
         mean[bad], var[bad] = numpy_ref.moments(np.ascontiguousarray(x3[:, bad, :]))
     return mean, var
