@@ -13,8 +13,9 @@ Layouts.  Every layout arrives as the canonical (outer, C, inner) view:
   leave that loop short, so the matrix is viewed as (rows/k, k*C) with the
   per-channel vectors tiled k times ("virtual channels"), and the k partial
   sums of each channel are added afterwards.
-* inner > 1 (NCW, NCHW, NCDHW): each (n, c) plane is a contiguous run,
-  cut into chunks; the loop along a chunk is the vectorised one.
+* inner > 1 (NCW, NCHW, NCDHW): each (n, c) plane is a contiguous run; a
+  work item is a few planes of one n (~16K values), and the loop along a
+  plane is the vectorised one (reductions sum it in chunks of 64K values).
 
 Either way no transpose is made, and a half-precision x is read as its
 uint16 bits and converted inside the loops (see ``_numba_support``).
@@ -109,8 +110,9 @@ def _fold(partial, channels):
     """Per-channel totals of per-block partial sums over ``copies * channels`` virtual channels."""
     total = np.zeros(channels)
     for b in range(partial.shape[0]):
-        for j in range(partial.shape[1]):
-            total[j % channels] += partial[b, j]
+        for copy in range(partial.shape[1] // channels):
+            for c in range(channels):
+                total[c] += partial[b, copy * channels + c]
     return total
 
 
@@ -229,88 +231,121 @@ def _grad_apply_last(dy, x, kind, mean, a, b_, c_, rows, ahead_bytes, dx):
 # ----------------------------------------------------------------------------------------------
 # kernels on (N, C, inner) arrays: channels first; work item = (n, c, chunk of the plane)
 # ----------------------------------------------------------------------------------------------
+@njit(cache=True)
+def _fold_planes(partial):
+    """Per-channel totals of (outer, C, chunks) partial sums."""
+    outer, channels, chunks = partial.shape
+    total = np.zeros(channels)
+    for n in range(outer):
+        for c in range(channels):
+            for j in range(chunks):
+                total[c] += partial[n, c, j]
+    return total
+
+
 @_kernel(_REDUCE)
-def _moments_first(x, kind, shift, chunk):
-    """(sum(d), sum(d * d)) per channel, d = x - shift[c], float64 sums per chunk of each plane."""
+def _moments_first(x, kind, shift, group, chunk):
+    """(sum(d), sum(d * d)) per channel, d = x - shift[c], float64 sums per chunk of each plane.
+    A work item is ``group`` consecutive planes of one n (see _channel_group)."""
     outer, channels, inner = x.shape
     chunks = (inner + chunk - 1) // chunk
+    groups = (channels + group - 1) // group
     p1 = np.empty((outer, channels, chunks))
     p2 = np.empty((outer, channels, chunks))
-    for t in prange(outer * channels * chunks):
-        j = t % chunks
-        c = (t // chunks) % channels
-        n = t // (chunks * channels)
-        k = shift[c]
-        # a slice, so that indices start at 0: numba's negative-index check then folds away
-        xx = x[n, c, j * chunk:(j + 1) * chunk]
-        s1 = 0.0
-        s2 = 0.0
-        for i in range(xx.shape[0]):
-            d = decode(xx[i], kind) - k
-            s1 += d
-            s2 += d * d
-        p1[n, c, j] = s1
-        p2[n, c, j] = s2
-    return p1.sum(axis=0).sum(axis=1), p2.sum(axis=0).sum(axis=1)
+    for t in prange(outer * groups):
+        n = t // groups
+        g = t - n * groups
+        for c in range(g * group, min(channels, (g + 1) * group)):
+            k = shift[c]
+            if chunks == 1:           # the common case, without a slice per plane
+                s1 = 0.0
+                s2 = 0.0
+                for i in range(inner):
+                    d = decode(x[n, c, i], kind) - k
+                    s1 += d
+                    s2 += d * d
+                p1[n, c, 0] = s1
+                p2[n, c, 0] = s2
+                continue
+            for j in range(chunks):
+                # a slice, so that indices start at 0: numba's negative-index check then folds away
+                xx = x[n, c, j * chunk:(j + 1) * chunk]
+                s1 = 0.0
+                s2 = 0.0
+                for i in range(xx.shape[0]):
+                    d = decode(xx[i], kind) - k
+                    s1 += d
+                    s2 += d * d
+                p1[n, c, j] = s1
+                p2[n, c, j] = s2
+    return _fold_planes(p1), _fold_planes(p2)
 
 
 @_kernel(_REDUCE)
-def _grad_sums_first(dy, x, kind, mean, chunk):
+def _grad_sums_first(dy, x, kind, mean, group, chunk):
     """(sum(dy), sum(dy * (x - mean[c]))) per channel, float64 sums per chunk of each plane."""
     outer, channels, inner = x.shape
     chunks = (inner + chunk - 1) // chunk
+    groups = (channels + group - 1) // group
     p1 = np.empty((outer, channels, chunks))
     p2 = np.empty((outer, channels, chunks))
-    for t in prange(outer * channels * chunks):
-        j = t % chunks
-        c = (t // chunks) % channels
-        n = t // (chunks * channels)
-        m = mean[c]
-        gg = dy[n, c, j * chunk:(j + 1) * chunk]
-        xx = x[n, c, j * chunk:(j + 1) * chunk]
-        s1 = 0.0
-        s2 = 0.0
-        for i in range(xx.shape[0]):
-            g = decode(gg[i], kind)
-            s1 += g
-            s2 += g * (decode(xx[i], kind) - m)
-        p1[n, c, j] = s1
-        p2[n, c, j] = s2
-    return p1.sum(axis=0).sum(axis=1), p2.sum(axis=0).sum(axis=1)
+    for t in prange(outer * groups):
+        n = t // groups
+        g = t - n * groups
+        for c in range(g * group, min(channels, (g + 1) * group)):
+            m = mean[c]
+            if chunks == 1:
+                s1 = 0.0
+                s2 = 0.0
+                for i in range(inner):
+                    v = decode(dy[n, c, i], kind)
+                    s1 += v
+                    s2 += v * (decode(x[n, c, i], kind) - m)
+                p1[n, c, 0] = s1
+                p2[n, c, 0] = s2
+                continue
+            for j in range(chunks):
+                gg = dy[n, c, j * chunk:(j + 1) * chunk]
+                xx = x[n, c, j * chunk:(j + 1) * chunk]
+                s1 = 0.0
+                s2 = 0.0
+                for i in range(xx.shape[0]):
+                    v = decode(gg[i], kind)
+                    s1 += v
+                    s2 += v * (decode(xx[i], kind) - m)
+                p1[n, c, j] = s1
+                p2[n, c, j] = s2
+    return _fold_planes(p1), _fold_planes(p2)
 
 
 @_kernel(_FMA)
-def _scale_shift_first(x, kind, mean, y_coef, offset, chunk, y):
+def _scale_shift_first(x, kind, mean, y_coef, offset, group, y):
     outer, channels, inner = x.shape
-    chunks = (inner + chunk - 1) // chunk
-    for t in prange(outer * channels * chunks):
-        j = t % chunks
-        c = (t // chunks) % channels
-        n = t // (chunks * channels)
-        m = mean[c]
-        k = y_coef[c]
-        o = offset[c]
-        xx = x[n, c, j * chunk:(j + 1) * chunk]
-        yy = y[n, c, j * chunk:(j + 1) * chunk]
-        for i in range(xx.shape[0]):
-            yy[i] = encode(_batch_norm(decode(xx[i], kind) - m, k, o), y, kind)
+    groups = (channels + group - 1) // group
+    for t in prange(outer * groups):
+        n = t // groups
+        g = t - n * groups
+        for c in range(g * group, min(channels, (g + 1) * group)):
+            m = mean[c]
+            k = y_coef[c]
+            o = offset[c]
+            for i in range(inner):
+                y[n, c, i] = encode(_batch_norm(decode(x[n, c, i], kind) - m, k, o), y, kind)
 
 
 @_kernel(_FMA)
-def _grad_apply_first(dy, x, kind, mean, a, b_, c_, chunk, dx):
+def _grad_apply_first(dy, x, kind, mean, a, b_, c_, group, dx):
     outer, channels, inner = x.shape
-    chunks = (inner + chunk - 1) // chunk
-    for t in prange(outer * channels * chunks):
-        j = t % chunks
-        c = (t // chunks) % channels
-        n = t // (chunks * channels)
-        m = mean[c]
-        coefs = eq.BackwardCoefficients(a[c], b_[c], c_[c], 0.0, 0.0)
-        gg = dy[n, c, j * chunk:(j + 1) * chunk]
-        xx = x[n, c, j * chunk:(j + 1) * chunk]
-        dd = dx[n, c, j * chunk:(j + 1) * chunk]
-        for i in range(xx.shape[0]):
-            dd[i] = encode(_batch_norm_backward(decode(gg[i], kind), decode(xx[i], kind) - m, coefs), dx, kind)
+    groups = (channels + group - 1) // group
+    for t in prange(outer * groups):
+        n = t // groups
+        g = t - n * groups
+        for c in range(g * group, min(channels, (g + 1) * group)):
+            m = mean[c]
+            coefs = eq.BackwardCoefficients(a[c], b_[c], c_[c], 0.0, 0.0)
+            for i in range(inner):
+                dx[n, c, i] = encode(_batch_norm_backward(decode(dy[n, c, i], kind), decode(x[n, c, i], kind) - m,
+                                                          coefs), dx, kind)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,8 +370,16 @@ def _row_parts(a2, k):
     return parts + ([a2[main:]] if main < rows else [])
 
 
+def _channel_group(channels, inner):
+    """Planes per channels-first work item: ~16K values, so that short planes (7x7) do not
+    pay a work item's fixed cost each."""
+    return int(min(channels, max(1, (1 << 14) // inner)))
+
+
 def _rows_per_block(width):
-    return max(1, _BLOCK_VALUES // max(1, width))
+    """Rows per block: _BLOCK_VALUES values, and at least 256 rows, so that a block's fixed costs
+    (its running sums, of one value per virtual channel) stay small next to its work."""
+    return max(256, _BLOCK_VALUES // max(1, width))
 
 
 def _views(arrays):
@@ -357,7 +400,7 @@ def _reduce(last_kernel, first_kernel, arrays, vector):
         return np.zeros(vector.shape[0]), np.zeros(vector.shape[0])
     kind, parts, ins = _views(arrays)
     if parts is None:
-        return first_kernel(ins[0].size, *ins, kind, vector, _BLOCK_VALUES)
+        return first_kernel(ins[0].size, *ins, kind, vector, _channel_group(*ins[0].shape[1:]), _BLOCK_VALUES)
     sums = [last_kernel(p[0].size, *p, kind, vector, _rows_per_block(p[0].shape[1]), _PREFETCH_BYTES)
             for p in parts]
     return tuple(sum(s[i] for s in sums) for i in (0, 1))
@@ -372,7 +415,7 @@ def _elementwise(last_kernel, first_kernel, arrays, vectors, out3):
     vectors = [_f64c(v) for v in vectors]
     kind, parts, ins = _views(arrays + [y3])
     if parts is None:
-        first_kernel(x3.size, *ins[:-1], kind, *vectors, _BLOCK_VALUES, ins[-1])
+        first_kernel(x3.size, *ins[:-1], kind, *vectors, _channel_group(*x3.shape[1:]), ins[-1])
     else:
         for p in parts:
             last_kernel(p[0].size, *p[:-1], kind, *vectors, _rows_per_block(p[0].shape[1]), _PREFETCH_BYTES, p[-1])
