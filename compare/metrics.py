@@ -124,10 +124,11 @@ class OutputResult:
                 "tf_vs_truth": c(self.tf_vs_truth), "refbn_vs_tf": c(self.refbn_vs_tf), "closer": self.closer}
 
 
-def closer_to_truth(r_t, tf_t, dtype, scale):
-    """Who is closer to the truth: compares max abs errors, with the declared slack for ties."""
+def closer_to_truth(r_t, tf_t, dtype, magnitude):
+    """Who is closer to the truth: compares max abs errors, with the declared slack for ties
+    (relative to ``magnitude``, the largest of the truth's |values| and the error scale)."""
     slack = tolerance("*", dtype, "closer_than_tf").ulps * dtypes.machine_epsilon(dtypes.parse(dtype))
-    slack *= max(scale, 0.0) if scale else 0.0
+    slack *= magnitude if magnitude and np.isfinite(magnitude) else 0.0
     if r_t.mismatched_nonfinite and not tf_t.mismatched_nonfinite:
         return "tf"
     if tf_t.mismatched_nonfinite and not r_t.mismatched_nonfinite:
@@ -163,4 +164,7 @@ def three_way(output, x_dtype, refbn_value, tf_value, truth_value, kernel, backe
     r_t = judged(refbn_value, truth_value, output, dt, refbn_ctx or refbn_context(backend), scale, n)
     tf_t = judged(tf_value, truth_value, output, dt, ctx, r_t.scale, n)
     r_tf = judged(refbn_value, tf_value, output, dt, ctx, r_t.scale, n)
-    return OutputResult(output, dt, r_t, tf_t, r_tf, closer_to_truth(r_t, tf_t, dt, r_t.scale))
+    t = np.asarray(truth_value, dtype=np.float64)
+    t = t[np.isfinite(t)]
+    magnitude = max(r_t.scale, float(np.abs(t).max()) if t.size else 0.0)
+    return OutputResult(output, dt, r_t, tf_t, r_tf, closer_to_truth(r_t, tf_t, dt, magnitude))
