@@ -37,8 +37,9 @@ write pass (y), the memory floor; inference = one read-and-write pass;
 backward = one pass over dy and x for the sums plus one for dx (5/3 of
 its floor: the sums are needed before any dx).  Channels-last loops carry
 their running sums in memory (C is not known when compiling), so they
-take four rows per step and prefetch 16 KB ahead, which keeps the memory
-busy while they compute.  (Walking the second pass backwards, to start on
+take four rows per step, and the reductions prefetch 16 KB ahead, which
+keeps the memory busy while they compute (the elementwise passes measured
+fastest without).  (Walking the second pass backwards, to start on
 the data still in the last-level cache, measured no faster and slowed the
 channels-first layouts, so the passes run forwards.)
 """
@@ -53,7 +54,7 @@ from ._numba_support import decode, encode, prefetch, storage
 
 _BLOCK_VALUES = 1 << 16      # values per block / chunk: 256 KB of float32, ~100 blocks per
 #                              ResNet-50 tensor for the threads to share
-_PREFETCH_BYTES = 1 << 14    # channels-last loops ask for the data 16 KB ahead
+_PREFETCH_BYTES = 1 << 14    # channels-last reductions ask for the data 16 KB ahead
 _MIN_VIRTUAL_CHANNELS = 64   # channels-last with fewer channels is viewed as k*C virtual channels
 
 _PARALLEL_MIN_VALUES = 1 << 17   # smaller inputs run on one thread: waking threads costs more
@@ -196,32 +197,23 @@ def _grad_sums_last(dy, x, kind, mean, rows, ahead_bytes):
 
 
 @_kernel(_FMA)
-def _scale_shift_last(x, kind, mean, y_coef, offset, rows, ahead_bytes, y):
+def _scale_shift_last(x, kind, mean, y_coef, offset, rows, y):
     total, width = x.shape
     m, k, o = _tiled(mean, width), _tiled(y_coef, width), _tiled(offset, width)
     blocks = (total + rows - 1) // rows
-    ahead = ahead_bytes // x.itemsize
-    line = 64 // x.itemsize
     for b in prange(blocks):
         for r in range(b * rows, min(total, (b + 1) * rows)):
-            for i in range(0, width if ahead else 0, line):
-                prefetch(x, r * width + ahead + i)
             for c in range(width):
                 y[r, c] = encode(_batch_norm(decode(x[r, c], kind) - m[c], k[c], o[c]), y, kind)
 
 
 @_kernel(_FMA)
-def _grad_apply_last(dy, x, kind, mean, a, b_, c_, rows, ahead_bytes, dx):
+def _grad_apply_last(dy, x, kind, mean, a, b_, c_, rows, dx):
     total, width = x.shape
     m, ta, tb, tc = _tiled(mean, width), _tiled(a, width), _tiled(b_, width), _tiled(c_, width)
     blocks = (total + rows - 1) // rows
-    ahead = ahead_bytes // x.itemsize
-    line = 64 // x.itemsize
     for b in prange(blocks):
         for r in range(b * rows, min(total, (b + 1) * rows)):
-            for i in range(0, width if ahead else 0, line):
-                prefetch(dy, r * width + ahead + i)
-                prefetch(x, r * width + ahead + i)
             for c in range(width):
                 coefs = eq.BackwardCoefficients(ta[c], tb[c], tc[c], 0.0, 0.0)
                 v = _batch_norm_backward(decode(dy[r, c], kind), decode(x[r, c], kind) - m[c], coefs)
@@ -418,7 +410,7 @@ def _elementwise(last_kernel, first_kernel, arrays, vectors, out3):
         first_kernel(x3.size, *ins[:-1], kind, *vectors, _channel_group(*x3.shape[1:]), ins[-1])
     else:
         for p in parts:
-            last_kernel(p[0].size, *p[:-1], kind, *vectors, _rows_per_block(p[0].shape[1]), _PREFETCH_BYTES, p[-1])
+            last_kernel(p[0].size, *p[:-1], kind, *vectors, _rows_per_block(p[0].shape[1]), p[-1])
     return y3
 
 
