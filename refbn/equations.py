@@ -240,3 +240,23 @@ def normalized_error_ms(mean, variance, used_mean, used_variance, epsilon):
     a_true = inv_std(variance, epsilon)
     a_used = inv_std(used_variance, epsilon)
     return (a_used - a_true) ** 2 * variance + a_used ** 2 * (mean - used_mean) ** 2
+
+
+def batch_norm_(x_centered, y_coef, offset):
+    """In-place twin of :func:`batch_norm` for float64 work buffers: overwrites x_centered
+    with x_centered * y_coef + offset (the same operations in the same order, so the same
+    bits) and returns it."""
+    x_centered *= y_coef
+    x_centered += offset
+    return x_centered
+
+
+def batch_norm_backward_(dy, x_centered, coefs):
+    """In-place twin of :func:`batch_norm_backward` for float64 work buffers: overwrites dy
+    with a*dy + b*(x - mean) + c (the same operations in the same order, so the same bits;
+    x_centered is overwritten with b*(x - mean)) and returns it."""
+    dy *= coefs.dx_coef_dy
+    x_centered *= coefs.dx_coef_xc
+    dy += x_centered
+    dy += coefs.dx_coef_0
+    return dy
