@@ -21,8 +21,9 @@ def _quiet(fn):
             return fn(*args, **kwargs)
     return wrapper
 
-_BLOCK_VALUES = 1 << 13  # values per block: float64 temporaries of 64 KB stay in the cache and under
-#                         malloc's mmap threshold (larger blocks measured up to 6x slower on NHWC)
+_BLOCK_VALUES = 1 << 16  # values per block: float64 work buffers of 512 KB, allocated once per call
+#                         and reused (fresh temporaries of this size measured up to 6x slower: malloc
+#                         maps and unmaps them every time)
 
 
 def _view(a3):
@@ -46,21 +47,31 @@ def _dot(a, b):
     return np.einsum("oc,oc->c" if a.ndim == 2 else "ocj,ocj->c", a, b)
 
 
+def _step(a):
+    return max(1, _BLOCK_VALUES // max(1, int(np.prod(a.shape[1:]))))  # a may have 0 rows (N == 0)
+
+
 def _blocks(a):
-    step = max(1, _BLOCK_VALUES // max(1, int(np.prod(a.shape[1:]))))  # a may have 0 rows (N == 0)
+    step = _step(a)
     for start in range(0, a.shape[0], step):
         yield slice(start, min(a.shape[0], start + step))
 
 
-def _f64(a):
-    return np.asarray(a, dtype=np.float64)
+def _buffer(a):
+    """A float64 work buffer for one block of a."""
+    return np.empty((min(_step(a), a.shape[0]),) + a.shape[1:])
 
 
-def _centered(x, m):
-    """x - m in float64, subtracting in place from the float64 copy of x (one temporary, not two)."""
-    xc = np.array(x, dtype=np.float64)
-    xc -= m
-    return xc
+def _as_f64(buf, a):
+    """a, widened to float64 in (the first rows of) the work buffer."""
+    out = buf[:a.shape[0]]
+    np.copyto(out, a)
+    return out
+
+
+def _centered(buf, x, m):
+    """x - m in float64, written into (the first rows of) the work buffer."""
+    return np.subtract(x, m, out=buf[:x.shape[0]])
 
 
 @_quiet
@@ -70,12 +81,13 @@ def moments(x3):
     n = x.size // x.shape[1]
     total = np.zeros(x.shape[1])
     for b in _blocks(x):
-        total += _f64(x[b]).sum(axis=_axes(x))
+        total += x[b].sum(axis=_axes(x), dtype=np.float64)
     mean = total / n
     m = _per_channel(mean, x.ndim)
     sq = np.zeros(x.shape[1])
+    buf = _buffer(x)
     for b in _blocks(x):
-        xc = _centered(x[b], m)
+        xc = _centered(buf, x[b], m)
         sq += _dot(xc, xc)
     return mean, sq / n
 
@@ -85,8 +97,9 @@ def scale_shift(x3, mean, y_coef, offset, out3=None):
     y3 = np.empty(x3.shape, x3.dtype) if out3 is None else out3
     x, y = _view(x3), _view(y3)
     m, k, o = (_per_channel(v, x.ndim) for v in (mean, y_coef, offset))
+    buf = _buffer(x)
     for b in _blocks(x):
-        y[b] = eq.batch_norm(_centered(x[b], m), k, o)
+        y[b] = eq.batch_norm_(_centered(buf, x[b], m), k, o)
     return y3
 
 
@@ -97,10 +110,11 @@ def grad_sums(dy3, x3, mean):
     m = _per_channel(mean, x.ndim)
     sum_dy = np.zeros(x.shape[1])
     sum_dy_xc = np.zeros(x.shape[1])
+    buf_dy, buf_xc = _buffer(x), _buffer(x)
     for b in _blocks(x):
-        g = _f64(dy[b])
+        g = _as_f64(buf_dy, dy[b])
         sum_dy += g.sum(axis=_axes(x))
-        sum_dy_xc += _dot(g, _centered(x[b], m))
+        sum_dy_xc += _dot(g, _centered(buf_xc, x[b], m))
     return sum_dy, sum_dy_xc
 
 
@@ -110,6 +124,7 @@ def grad_apply(dy3, x3, mean, coefs, out3=None):
     x, dy, dx = _view(x3), _view(dy3), _view(dx3)
     c = eq.BackwardCoefficients(*(_per_channel(v, x.ndim) for v in coefs))
     m = _per_channel(mean, x.ndim)
+    buf_dy, buf_xc = _buffer(x), _buffer(x)
     for b in _blocks(x):
-        dx[b] = eq.batch_norm_backward(_f64(dy[b]), _centered(x[b], m), c)
+        dx[b] = eq.batch_norm_backward_(_as_f64(buf_dy, dy[b]), _centered(buf_xc, x[b], m), c)
     return dx3
