@@ -59,6 +59,7 @@ def configure(p):
                    help="also measure numba's cold compile and warm start in fresh processes")
     p.add_argument("--json", metavar="FILE", help="write every time, check and ratio as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="plot each contender's time over the floor per shape")
+    p.add_argument("--markdown", metavar="FILE.md", help="write the tables as Markdown (as in bench/RESULTS.md)")
 
 
 def _parse_list(text, allowed, name):
@@ -264,6 +265,10 @@ def main(args):
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1, default=float)
         console.print(f"JSON written to {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(report.markdown(result))
+        console.print(f"Markdown written to {args.markdown}")
     if args.plot:
         report.plot(result, args.plot)
         console.print(f"plot written to {args.plot}")

@@ -144,3 +144,70 @@ def plot(result, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def markdown(result):
+    """The result as Markdown tables (what bench/RESULTS.md records)."""
+    m, cfg = result["machine"], result["config"]
+    tf = m.get("tf", {})
+    lines = [
+        f"- CPU: {m['cpu']} ({', '.join(f'{k} {v}' for k, v in m.get('cpu_detail', {}).items())}), "
+        f"{m['cores']} cores, {m['threads']} threads used",
+        f"- numpy {m['numpy']}, numba {m['numba']} (threading layer {m.get('numba_threading_layer')}), "
+        f"TensorFlow {tf.get('tf_version', '-')} (oneDNN in process, intra-op threads "
+        f"{tf.get('intra_op_threads', '-')}; Eigen in a worker process), Python {m['python']}",
+        f"- float32, epsilon {cfg['epsilon']}, cache {cfg['cache']}, {cfg['repeats']} alternating rounds after "
+        f"{cfg['warmup']} warm-up calls, pause {cfg['gap_ms']} ms; load average {_load(m)}; "
+        f"run took {m.get('wall_s', 0):.0f} s on {m['time']}",
+        "",
+        "| shape | op | floor ms | numpy ms | numba ms (min) | TF oneDNN ms (min) | TF Eigen ms* | numba GB/s "
+        "| numba x floor | numba x TF oneDNN | numba x TF Eigen | numpy x TF oneDNN |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["records"]:
+        cs = r["contenders"]
+
+        def g(name, key, spec=".2f"):
+            v = cs.get(name, {}).get(key)
+            if cs.get(name, {}).get("refused"):
+                return "refused"
+            return "-" if v is None else format(v, spec)
+        lines.append(
+            f"| {r['shape']} | {r['op']} | {r['floor_ms']:.2f} | {g('numpy', 'median_ms')} | "
+            f"{g('numba', 'median_ms')} ({g('numba', 'min_ms')}) | {g('tf_onednn', 'median_ms')} "
+            f"({g('tf_onednn', 'min_ms')}) | {g('tf_eigen', 'median_ms')} | {g('numba', 'gbps', '.1f')} | "
+            f"{g('numba', 'x_floor')} | {g('numba', 'x_tf_onednn')} | {g('numba', 'x_tf_eigen')} | "
+            f"{g('numpy', 'x_tf_onednn')} |")
+    lines += ["", "\\* TF Eigen ran in its own process (TF_ENABLE_ONEDNN_OPTS=0); its floor there: "
+              + ", ".join(f"{r['shape']} {r['op']} {r['eigen_worker_floor_ms']:.2f}"
+                          for r in result["records"] if "eigen_worker_floor_ms" in r) + " ms.", ""]
+    g = result["goals"]
+    if g:
+        lines += [f"Goals: {sum(x['met'] for x in g)} of {len(g)} met.", "",
+                  "| shape | op | goal | value | target | |", "|---|---|---|---|---|---|"]
+        lines += [f"| {x['shape']} | {x['op']} | {x['goal']} | {x['value']:.2f} | <= {x['target']:.2f} | "
+                  f"{'met' if x['met'] else '**missed**'} |" for x in g]
+    lines.append("")
+    checks = [(r["shape"], r["op"], n, k) for r in result["records"] for n, c in r["contenders"].items()
+              for k in c.get("checks", [])]
+    if checks:
+        worst = {}
+        for shape, op, n, k in checks:
+            ratio = k["max_ulps"] / max(k["allowed_ulps"], 1e-300)
+            if ratio >= worst.get(n, (-1,))[0]:
+                worst[n] = (ratio, shape, op, k)
+        lines += ["Validation before timing (worst output per contender, error / allowed, in eps):", ""]
+        for n, (ratio, shape, op, k) in sorted(worst.items()):
+            lines.append(f"- {n}: {k['max_ulps']:.3g} of {k['allowed_ulps']:.3g} ({k['output']}, {shape} {op}, "
+                         f"context {k['context']})")
+        lines.append("")
+    jit = result.get("jit", {})
+    fresh = jit.get("fresh_processes") or {}
+    for label in ("cold", "warm"):
+        r = fresh.get(label)
+        if r and "first_call_s" in r:
+            lines.append(f"- numba {label} start (fresh process, {'empty' if label == 'cold' else 'filled'} cache): "
+                         f"import {r['import_s']:.2f} s; first calls "
+                         + ", ".join(f"{k} {v:.2f} s" for k, v in r["first_call_s"].items())
+                         + f"; total {sum(r['first_call_s'].values()):.2f} s")
+    return "\n".join(lines) + "\n"

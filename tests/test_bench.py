@@ -74,8 +74,9 @@ def test_a_wrong_kernel_is_refused_and_never_timed():
 def test_smoke_run_validates_times_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     png = tmp_path / "bench.png"
+    md = tmp_path / "bench.md"
     rc = cli.main(["bench", "--shapes", "smoke", "--contenders", "numpy,numba", "--repeats", "2", "--warmup", "0",
-                   "--cache", "warm", "--gap-ms", "0", "--json", str(out), "--plot", str(png)])
+                   "--cache", "warm", "--gap-ms", "0", "--json", str(out), "--plot", str(png), "--markdown", str(md)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "Times (median and min" in text and "x floor" in text
@@ -91,6 +92,8 @@ def test_smoke_run_validates_times_and_writes_json(tmp_path, capsys):
             assert all(k["passed"] for k in c["checks"])
     assert res["machine"]["cores"] >= 1 and res["config"]["cache"] == "warm"
     assert png.stat().st_size > 1000
+    table = md.read_text()
+    assert "| shape | op | floor ms |" in table and all(f"| {s} | bwd |" in table for s in shapes)
 
 
 def test_bad_arguments_exit_with_a_message(capsys):
