@@ -41,7 +41,14 @@ take four rows per step, and the reductions prefetch 16 KB ahead, which
 keeps the memory busy while they compute (the elementwise passes measured
 fastest without).  (Walking the second pass backwards, to start on
 the data still in the last-level cache, measured no faster and slowed the
-channels-first layouts, so the passes run forwards.)
+channels-first layouts, so the passes run forwards.)  Inputs under 2^17
+values run a serial build of the same kernels: waking threads costs more.
+
+Threads.  With TensorFlow in the same process, numba's default OpenMP
+layer and TF's thread pool fight over the cores (measured: 8-16 ms per
+call instead of 3); set ``NUMBA_THREADING_LAYER=workqueue`` there, as
+``refbn bench`` does.  Results do not depend on the thread count: blocks,
+not threads, own the partial sums.
 """
 import types
 
