@@ -43,3 +43,27 @@ def stats_dtype(x_dtype):
 def machine_epsilon(dtype):
     """Distance from 1.0 to the next representable number (2**-10 for float16, ...)."""
     return float(ml_dtypes.finfo(np.dtype(dtype)).eps)
+
+
+def store(dst, src):
+    """Write float64 values into ``dst`` (any supported dtype), rounded once to nearest-even.
+
+    numpy rounds float64 to float32 and float16 directly, but ml_dtypes converts
+    float64 to bfloat16 through float32, rounding twice: 1 + 2**-8 + 2**-30 becomes
+    1 instead of 1 + 2**-7.  For bfloat16 the intermediate float32 is therefore
+    rounded to odd (truncate toward zero, then set the last bit when inexact),
+    which makes the second rounding exact (float32 keeps 16 more bits than
+    bfloat16, far more than the 2 that round-to-odd needs).
+    """
+    if dst.dtype != bfloat16:
+        with np.errstate(over="ignore"):  # a float16 y may overflow to Inf, as TF's cast does
+            dst[...] = src
+        return dst
+    src = np.asarray(src, dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        f = src.astype(np.float32)
+        f = np.where(np.abs(f.astype(np.float64)) > np.abs(src), np.nextafter(f, np.float32(0)), f)
+        inexact = (f.astype(np.float64) != src) & ~np.isnan(src)
+        odd = (f.view(np.uint32) | inexact.astype(np.uint32)).view(np.float32)
+    dst[...] = odd.astype(bfloat16)
+    return dst

@@ -9,7 +9,7 @@ import functools
 
 import numpy as np
 
-from .. import equations as eq
+from .. import dtypes, equations as eq
 
 
 def _quiet(fn):
@@ -99,7 +99,7 @@ def scale_shift(x3, mean, y_coef, offset, out3=None):
     m, k, o = (_per_channel(v, x.ndim) for v in (mean, y_coef, offset))
     buf = _buffer(x)
     for b in _blocks(x):
-        y[b] = eq.batch_norm_(_centered(buf, x[b], m), k, o)
+        dtypes.store(y[b], eq.batch_norm_(_centered(buf, x[b], m), k, o))
     return y3
 
 
@@ -126,5 +126,5 @@ def grad_apply(dy3, x3, mean, coefs, out3=None):
     m = _per_channel(mean, x.ndim)
     buf_dy, buf_xc = _buffer(x), _buffer(x)
     for b in _blocks(x):
-        dx[b] = eq.batch_norm_backward_(_as_f64(buf_dy, dy[b]), _centered(buf_xc, x[b], m), c)
+        dtypes.store(dx[b], eq.batch_norm_backward_(_as_f64(buf_dy, dy[b]), _centered(buf_xc, x[b], m), c))
     return dx3
