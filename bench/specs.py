@@ -16,11 +16,10 @@ import os
 from dataclasses import dataclass
 from math import prod
 
-from refbn.layout import DATA_FORMATS
+from refbn.layout import DATA_FORMATS, parse_named_dims
 
 SHAPES_DIR = os.path.join(os.path.dirname(__file__), "shapes")
 _DEFAULT_BY_RANK = {2: "NC", 3: "NWC", 4: "NHWC", 5: "NDHWC"}
-_LETTERS = "ncdhw"
 
 
 @dataclass(frozen=True)
@@ -81,7 +80,7 @@ def parse(text):
             raise ValueError(f"shape {text!r}: {len(sizes)} sizes do not fit layout {layout}")
         shape = sizes
     else:
-        named = _letters(body, text)
+        named = parse_named_dims(body)
         layout = layout or _default_for_letters(set(named))
         if layout is None or set(layout.lower()) != set(named):
             raise ValueError(f"shape {text!r}: layout {layout} needs the dimensions "
@@ -90,22 +89,6 @@ def parse(text):
     if any(s < 1 for s in shape):
         raise ValueError(f"shape {text!r}: every size must be >= 1")
     return ShapeSpec(shape, layout)
-
-
-def _letters(body, text):
-    named, i = {}, 0
-    while i < len(body):
-        letter, j = body[i], i + 1
-        while j < len(body) and body[j].isdigit():
-            j += 1
-        if letter not in _LETTERS or j == i + 1:
-            raise ValueError(f"shape {text!r}: expected letters n, c, d, h, w each followed by a size, "
-                             f"e.g. n32h56w56c64")
-        if letter in named:
-            raise ValueError(f"shape {text!r}: dimension {letter!r} given twice")
-        named[letter] = int(body[i + 1:j])
-        i = j
-    return named
 
 
 def named_lists():

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from refbn import dtypes
+from refbn.layout import parse_named_dims
 
 OP_MODES = ("train", "infer")
 PARITY_MODES = ("keras", "tf_fused", "torch")
@@ -161,20 +162,10 @@ def _parse_dims(text):
             return [int(s) for s in t.split("x")]
         except ValueError:
             raise DescriptorError(f"shape {text!r}: expected sizes joined by 'x', e.g. 27x131x127x6") from None
-    named, i = {}, 0
-    while i < len(t):
-        letter = t[i]
-        j = i + 1
-        while j < len(t) and t[j].isdigit():
-            j += 1
-        if letter not in "ncdhw" or j == i + 1:
-            raise DescriptorError(f"shape {text!r}: expected letters n, c, d, h, w each followed by a "
-                                  f"size, e.g. n27h131w127c6")
-        if letter in named:
-            raise DescriptorError(f"shape {text!r}: dimension {letter!r} given twice")
-        named[letter] = int(t[i + 1:j])
-        i = j
-    return named
+    try:
+        return parse_named_dims(t)
+    except ValueError as e:
+        raise DescriptorError(str(e)) from None
 
 
 def _float(token, prefix):

@@ -104,3 +104,28 @@ class Layout:
 
     def describe(self):
         return "x".join(map(str, self.shape)) + f" (channel axis {self.axis})"
+
+
+DIMENSION_LETTERS = "ncdhw"
+
+
+def parse_named_dims(text):
+    """Sizes from a benchdnn-style shape, 'n32h56w56c64' -> {'n': 32, 'h': 56, 'w': 56, 'c': 64}.
+
+    Letters are n, c, d, h, w in any order, each followed by its size; the
+    caller places them in a layout (channels last or first).
+    """
+    body = text.strip().lower()
+    named, i = {}, 0
+    while i < len(body):
+        letter, j = body[i], i + 1
+        while j < len(body) and body[j].isdigit():
+            j += 1
+        if letter not in DIMENSION_LETTERS or j == i + 1:
+            raise ValueError(f"shape {text!r}: expected letters n, c, d, h, w each followed by a size, "
+                             f"e.g. n32h56w56c64")
+        if letter in named:
+            raise ValueError(f"shape {text!r}: dimension {letter!r} given twice")
+        named[letter] = int(body[i + 1:j])
+        i = j
+    return named
