@@ -111,6 +111,18 @@ TOLERANCES = {
         4.0, "a float32 emulation fed float64 sums that are within float64 round-off of exact: "
              "rounded to float32 they differ by at most 1 ulp (double rounding); E[x^2]-E[x]^2 is "
              "judged on the scale of E[x^2], the size of the terms it cancels"),
+    # refbn.stats.merge: the relative error (variance_error, mean_error) a framework's merge
+    # reports against the exact merge, on well-conditioned data (|mean| ~ std)
+    ("merge_error", "*", "f32"): Tolerance(
+        2.0 ** 4, "a float32 merge of correctly rounded per-replica statistics rounds E[x], E[x^2] "
+                  "and their difference a few times, ~eps each; measured <= 1.2e-7 (1 eps)"),
+    ("merge_error", "*", "f64"): Tolerance(
+        2.0 ** 6, "the same merges evaluated in float64; measured <= 4.7e-16 (2 eps)"),
+    # Exception: PyTorch sends float32 means, so on N(1e6, 1) each replica's mean is off by
+    # up to eps*1e6/2 ~ 0.03 std, which the merge's cross term turns into variance error.
+    ("merge_error", "torch_sync_offset", "f32"): Tolerance(
+        2.0 ** 13, "torch_sync on N(1e6, 1): float32 replica means carry ~eps*|mean| = 0.06 std of "
+                   "rounding into Chan's cross term; measured 1.8e-4 relative (1.5e3 eps)"),
     # refbn.compare.distributed: TF's synchronized BatchNormalization (float32) against refbn's
     # keras_sync replay; the data of its cases are N(2, 3^2) in batches of <= 300 values per channel
     ("distributed", "batch_mean", "f32"): Tolerance(
