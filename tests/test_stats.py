@@ -258,10 +258,10 @@ def test_merge_error_table_shows_each_failure_mode():
     cases = sorted({c for c, _ in rows})
     assert len(cases) == 6 and len(rows) == 6 * len(stats.METHODS)
     for c in cases:
-        assert rows[(c, "exact")]["variance_error"] < 1e-12
+        assert _small(rows[(c, "exact")]["variance_error"], "float64")
     offset = [c for c in cases if c.startswith("N(1e6")][0]
     assert rows[(offset, "keras_sync")]["variance_error"] > 0.5
-    assert rows[(offset, "torch_sync")]["variance_error"] < 1e-3
+    assert _small(rows[(offset, "torch_sync")]["variance_error"], output="torch_sync_offset")
     uneven = [c for c in cases if "1 + 1000" in c][0]
     assert rows[(uneven, "flax_pmean")]["mean_error"] > 0.05
 
