@@ -12,7 +12,7 @@ import json
 import numpy as np
 
 from . import equations as eq
-from .layer import BatchNorm
+from .layer import CONVENTIONS, BatchNorm
 
 SWEEP_STEPS = (1, 5, 20, 100, 500)
 SWEEP_MOMENTA = {"keras": (0.9, 0.99, 0.999), "tf_fused": (0.9, 0.99, 0.999), "torch": (0.1, 0.01, 0.001)}
@@ -26,7 +26,7 @@ def configure(p):
                    help="momentum (default: the convention's, 0.99 for keras; torch: 0.1)")
     p.add_argument("--mean", type=float, default=3.0, help="mean of the generated data (default 3)")
     p.add_argument("--std", type=float, default=2.0, help="standard deviation of the generated data (default 2)")
-    p.add_argument("--convention", default="keras", choices=["keras", "tf_fused", "torch"])
+    p.add_argument("--convention", default="keras", choices=CONVENTIONS)
     p.add_argument("--tolerance", type=float, default=0.01,
                    help="initial weight considered converged (default 0.01)")
     p.add_argument("--plot", metavar="FILE.png", help="write a plot of the gap against the step count")
