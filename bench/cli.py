@@ -50,10 +50,11 @@ def configure(p):
     p.add_argument("--gap-ms", type=float, default=None,
                    help="pause before every timed call, so the previous contender's spinning threads sleep "
                         "(default 0 with --cache cold, whose flush already separates the calls; 2 with warm)")
-    p.add_argument("--numba-layer", default="workqueue", choices=("workqueue", "omp", "tbb", "default"),
-                   help="numba threading layer for this run (default workqueue: its idle threads sleep, so they "
-                        "do not steal the cores from TF's threads or other processes between calls; "
-                        "'default' keeps numba's choice or NUMBA_THREADING_LAYER)")
+    p.add_argument("--numba-layer", default="omp", choices=("omp", "workqueue", "tbb", "default"),
+                   help="numba threading layer for this run (default omp, numba's own first choice here: its "
+                        "threads spin briefly after a pass, so a launch costs ~5-50 us against ~130-200 us for "
+                        "workqueue, whose threads sleep; on a loaded machine workqueue degrades more gracefully, "
+                        "see bench/RESULTS.md 'Threads'; 'default' keeps numba's choice or NUMBA_THREADING_LAYER)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jit", action="store_true",
                    help="also measure numba's cold compile and warm start in fresh processes")
