@@ -90,6 +90,26 @@ def test_parallel_build_matches_the_closed_form_in_every_layout(data_format):
         assert_close(getattr(g, name), getattr(g0, name), name, np.float32, "numba", what=data_format)
 
 
+@pytest.mark.parametrize("shape", [(1031, 200), (2051, 100), (1027, 130)], ids=str)
+def test_wide_and_narrow_row_walks_match_the_closed_form(shape):
+    """Channels-last rows wider than nk._NARROW_WIDTH are reduced one row at a time, narrower
+    ones four rows at a time with prefetching (moments); row counts not divisible by 4 and
+    widths on both sides of the limit, all in the parallel build."""
+    assert np.prod(shape) >= nk._PARALLEL_MIN_VALUES
+    x = make_x(shape, np.float32, seed=21, loc=5.0, scale=0.5)
+    dy = make_x(shape, np.float32, seed=22, loc=0.0, scale=1.0)
+    mean, var = truth_moments(x, 1)
+    m64, v64 = nk.moments(x.reshape(shape[0], shape[1], 1))
+    assert_close(m64, mean, "mean", np.float64, "numba_moments", what=str(shape))
+    assert_close(v64, var, "variance", np.float64, "numba_moments", what=str(shape))
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    s1, s2 = nk.grad_sums(dy.reshape(shape[0], shape[1], 1), x.reshape(shape[0], shape[1], 1), mean)
+    assert_close(s1, dy64.sum(axis=0), "sum_dy", np.float64, "numba_moments", what=str(shape),
+                 scale=np.abs(dy64).sum(axis=0))
+    assert_close(s2, (dy64 * (x64 - mean)).sum(axis=0), "sum_dy_xc", np.float64, "numba_moments",
+                 what=str(shape), scale=np.abs(dy64 * (x64 - mean)).sum(axis=0))
+
+
 # float64 runs the same parallel code as float32, so its parallel build (3 s of compiling) is left out
 _BUILDS = [(s, d) for s in ("serial", "parallel") for d in DTYPES if not (s == "parallel" and d == dtypes.float64)]
 

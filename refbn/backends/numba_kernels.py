@@ -36,10 +36,13 @@ Speed.  Training forward = one reading pass (moments) plus one read-and-
 write pass (y), the memory floor; inference = one read-and-write pass;
 backward = one pass over dy and x for the sums plus one for dx (5/3 of
 its floor: the sums are needed before any dx).  Channels-last loops carry
-their running sums in memory (C is not known when compiling), so they
-take four rows per step, and the reductions prefetch 16 KB ahead, which
-keeps the memory busy while they compute (the elementwise passes measured
-fastest without).  (Walking the second pass backwards, to start on
+their running sums in memory (C is not known when compiling).  On narrow
+rows (up to 128 values) the reductions prefetch 16 KB ahead, and the
+moments take four rows per step so the sums are loaded and stored once per
+four values; wide rows go one row at a time without prefetching, and so
+does the two-array gradient sum at every width: each measured fastest (four
+rows at a time on wide rows makes four streams per array; the elementwise
+passes measured fastest without prefetching).  (Walking the second pass backwards, to start on
 the data still in the last-level cache, measured no faster and slowed the
 channels-first layouts, so the passes run forwards.)  Inputs under 2^17
 values run a serial build of the same kernels: waking threads costs more.
@@ -63,6 +66,9 @@ _BLOCK_VALUES = 1 << 16      # values per block / chunk: 256 KB of float32, ~100
 #                              ResNet-50 tensor for the threads to share
 _PREFETCH_BYTES = 1 << 14    # channels-last reductions ask for the data 16 KB ahead
 _MIN_VIRTUAL_CHANNELS = 64   # channels-last with fewer channels is viewed as k*C virtual channels
+_NARROW_WIDTH = 128          # channels-last rows up to this width: prefetch, four rows per step
+_RUN = 64                    # rows one at a time: per-channel sums of 64 rows, then added to the block's
+                             # (the longest chain of float64 additions is then ~64 + blocks, as with four rows per step)
 
 _PARALLEL_MIN_VALUES = 1 << 17   # smaller inputs run on one thread: waking threads costs more
 
@@ -125,11 +131,12 @@ def _fold(partial, channels):
 
 
 @_kernel(_REDUCE)
-def _moments_last(x, kind, shift, rows, ahead_bytes):
+def _moments_last(x, kind, shift, rows, ahead_bytes, four_rows):
     """(sum(d), sum(d * d)) per channel, d = x - shift, with float64 partial sums per block.
 
-    Four rows at a time, so the running sums (in memory: C is not known when
-    compiling) are loaded and stored once per four values."""
+    Narrow rows (``four_rows``) take four rows per step, so that the running sums (in memory:
+    C is not known when compiling) are loaded and stored once per four values; wide rows go
+    one row at a time, which measured faster there (one stream per array, not four)."""
     total, width = x.shape
     sh = _tiled(shift, width)
     blocks = (total + rows - 1) // rows
@@ -142,7 +149,7 @@ def _moments_last(x, kind, shift, rows, ahead_bytes):
         s2 = _zeros_aligned(width)
         end = min(total, (b + 1) * rows)
         r = b * rows
-        while r + 4 <= end:
+        while four_rows and r + 4 <= end:
             for i in range(0, 4 * width if ahead else 0, line):
                 prefetch(x, r * width + ahead + i)
             for c in range(width):
@@ -154,19 +161,33 @@ def _moments_last(x, kind, shift, rows, ahead_bytes):
                 s1[c] += (d0 + d1) + (d2 + d3)
                 s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
             r += 4
-        for rr in range(r, end):
+        t1 = _zeros_aligned(width)    # sums of up to _RUN rows, added to s1/s2 after each run,
+        t2 = _zeros_aligned(width)    # so no float64 sum grows by more than ~_RUN + rows/_RUN terms
+        for r0 in range(r, end, _RUN):
+            for rr in range(r0, min(end, r0 + _RUN)):
+                for i in range(0, width if ahead else 0, line):
+                    prefetch(x, rr * width + ahead + i)
+                for c in range(width):
+                    d = decode(x[rr, c], kind) - sh[c]
+                    t1[c] += d
+                    t2[c] += d * d
             for c in range(width):
-                d = decode(x[rr, c], kind) - sh[c]
-                s1[c] += d
-                s2[c] += d * d
+                s1[c] += t1[c]
+                s2[c] += t2[c]
+                t1[c] = 0.0
+                t2[c] = 0.0
         p1[b, :] = s1
         p2[b, :] = s2
     return _fold(p1, shift.shape[0]), _fold(p2, shift.shape[0])
 
 
 @_kernel(_REDUCE)
-def _grad_sums_last(dy, x, kind, mean, rows, ahead_bytes):
-    """(sum(dy), sum(dy * (x - mean))) per channel, with float64 partial sums per block."""
+def _grad_sums_last(dy, x, kind, mean, rows, ahead_bytes, four_rows):
+    """(sum(dy), sum(dy * (x - mean))) per channel, with float64 partial sums per block.
+
+    One row per step at every width (four rows per step, as in _moments_last, measured
+    slower here: two arrays make eight streams).  ``four_rows`` is accepted for a common
+    signature and ignored."""
     total, width = x.shape
     mt = _tiled(mean, width)
     blocks = (total + rows - 1) // rows
@@ -177,27 +198,23 @@ def _grad_sums_last(dy, x, kind, mean, rows, ahead_bytes):
     for b in prange(blocks):
         s1 = _zeros_aligned(width)
         s2 = _zeros_aligned(width)
+        t1 = _zeros_aligned(width)    # runs of _RUN rows, as in _moments_last
+        t2 = _zeros_aligned(width)
         end = min(total, (b + 1) * rows)
-        r = b * rows
-        while r + 4 <= end:
-            for i in range(0, 4 * width if ahead else 0, line):
-                prefetch(dy, r * width + ahead + i)
-                prefetch(x, r * width + ahead + i)
+        for r0 in range(b * rows, end, _RUN):
+            for r in range(r0, min(end, r0 + _RUN)):
+                for i in range(0, width if ahead else 0, line):
+                    prefetch(dy, r * width + ahead + i)
+                    prefetch(x, r * width + ahead + i)
+                for c in range(width):
+                    g = decode(dy[r, c], kind)
+                    t1[c] += g
+                    t2[c] += g * (decode(x[r, c], kind) - mt[c])
             for c in range(width):
-                m = mt[c]
-                g0 = decode(dy[r, c], kind)
-                g1 = decode(dy[r + 1, c], kind)
-                g2 = decode(dy[r + 2, c], kind)
-                g3 = decode(dy[r + 3, c], kind)
-                s1[c] += (g0 + g1) + (g2 + g3)
-                s2[c] += ((g0 * (decode(x[r, c], kind) - m) + g1 * (decode(x[r + 1, c], kind) - m))
-                          + (g2 * (decode(x[r + 2, c], kind) - m) + g3 * (decode(x[r + 3, c], kind) - m)))
-            r += 4
-        for rr in range(r, end):
-            for c in range(width):
-                g = decode(dy[rr, c], kind)
-                s1[c] += g
-                s2[c] += g * (decode(x[rr, c], kind) - mt[c])
+                s1[c] += t1[c]
+                s2[c] += t2[c]
+                t1[c] = 0.0
+                t2[c] = 0.0
         p1[b, :] = s1
         p2[b, :] = s2
     return _fold(p1, mean.shape[0]), _fold(p2, mean.shape[0])
@@ -375,6 +392,14 @@ def _channel_group(channels, inner):
     return int(min(channels, max(1, (1 << 14) // inner)))
 
 
+def _row_walk(width):
+    """(prefetch distance in bytes, four rows per step?) for channels-last reductions: narrow
+    rows prefetch and take four rows per step, wide rows (> _NARROW_WIDTH) neither, as measured
+    fastest (bench/RESULTS.md, "What was tried")."""
+    narrow = width <= _NARROW_WIDTH
+    return (_PREFETCH_BYTES if narrow else 0), narrow
+
+
 def _rows_per_block(width):
     """Rows per block: _BLOCK_VALUES values, and at least 256 rows, so that a block's fixed costs
     (its running sums, of one value per virtual channel) stay small next to its work."""
@@ -400,7 +425,7 @@ def _reduce(last_kernel, first_kernel, arrays, vector):
     kind, parts, ins = _views(arrays)
     if parts is None:
         return first_kernel(ins[0].size, *ins, kind, vector, _channel_group(*ins[0].shape[1:]), _BLOCK_VALUES)
-    sums = [last_kernel(p[0].size, *p, kind, vector, _rows_per_block(p[0].shape[1]), _PREFETCH_BYTES)
+    sums = [last_kernel(p[0].size, *p, kind, vector, _rows_per_block(p[0].shape[1]), *_row_walk(p[0].shape[1]))
             for p in parts]
     return tuple(sum(s[i] for s in sums) for i in (0, 1))
 
