@@ -28,13 +28,24 @@ def _xc(x3, mean, layout):
     return layout.from3(_f64(x3) - mean[None, :, None])
 
 
+def _one_call(kernel, op, trace, *args):
+    """The backend's one-call form of ``op`` (see refbn.backends), when it has one and no trace
+    is recorded; None means: compose the four functions here."""
+    fn = getattr(kernel, op, None)
+    return None if fn is None or trace is not None else fn(*args)
+
+
 def forward_training(x, layout, scale, offset, epsilon, kernel, out=None, trace=None):
     """Batch statistics and y; returns (y, mean, biased_variance) with float64 statistics."""
     x3 = layout.to3(x)
     out3 = _out3(out, layout, x.dtype)
-    mean, var = kernel.moments(x3)
-    istd = eq.inv_std(var, epsilon)
-    y3 = kernel.scale_shift(x3, mean, eq.y_coefficient(scale, istd), offset, out3)
+    done = _one_call(kernel, "forward_training", trace, x3, scale, offset, epsilon, out3)
+    if done is not None:
+        y3, mean, var = done
+    else:
+        mean, var = kernel.moments(x3)
+        istd = eq.inv_std(var, epsilon)
+        y3 = kernel.scale_shift(x3, mean, eq.y_coefficient(scale, istd), offset, out3)
     y = layout.from3(y3)
     if trace is not None:
         n = layout.count
@@ -62,8 +73,10 @@ def forward_inference(x, layout, scale, offset, mean, variance, epsilon, kernel,
     """y from given (moving) statistics; mean and variance are float64 vectors."""
     x3 = layout.to3(x)
     out3 = _out3(out, layout, x.dtype)
-    istd = eq.inv_std(variance, epsilon)
-    y3 = kernel.scale_shift(x3, mean, eq.y_coefficient(scale, istd), offset, out3)
+    y3 = _one_call(kernel, "forward_inference", trace, x3, scale, offset, mean, variance, epsilon, out3)
+    if y3 is None:
+        istd = eq.inv_std(variance, epsilon)
+        y3 = kernel.scale_shift(x3, mean, eq.y_coefficient(scale, istd), offset, out3)
     y = layout.from3(y3)
     if trace is not None:
         xc = _xc(x3, mean, layout)
@@ -100,6 +113,10 @@ def backward(dy, x, layout, scale, mean, variance, epsilon, is_training, kernel,
     """dx, dgamma, dbeta (float64 vectors) for given statistics."""
     x3, dy3 = layout.to3(x), layout.to3(dy)
     out3 = _out3(out, layout, x.dtype)
+    done = _one_call(kernel, "backward", trace, dy3, x3, scale, mean, variance, epsilon, is_training, out3)
+    if done is not None:
+        dx3, dgamma, dbeta = done
+        return layout.from3(dx3), dgamma, dbeta
     n = layout.count
     sum_dy, sum_dy_xc = kernel.grad_sums(dy3, x3, mean)
     istd = eq.inv_std(variance, epsilon)

@@ -79,8 +79,9 @@ def unit_interval(value, name):
 
 def nonnegative(v, name):
     """A variance must be >= 0 everywhere (NaN is refused too)."""
-    bad = ~(np.asarray(v, dtype=np.float64) >= 0.0)
-    if bad.any():
+    a = np.asarray(v, dtype=np.float64)
+    if a.size and not a.min() >= 0.0:   # one reduction on the common path; NaN fails it too
+        bad = ~(a >= 0.0)
         idx = np.flatnonzero(bad)
         shown = ", ".join(f"[{i}]={float(v[i])!r}" for i in idx[:5])
         raise ValueError(f"{name}: expected every value >= 0, got {shown}"

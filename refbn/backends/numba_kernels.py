@@ -365,12 +365,27 @@ def _grad_apply_first(dy, x, kind, mean, a, b_, c_, group, dx):
 
 
 # ----------------------------------------------------------------------------------------------
-# dispatch: canonical views -> kernels
+# dispatch, compiled: canonical (outer, C, inner) storage views -> kernels.  Compiled (not Python)
+# so that a whole op is one call: the Python glue it replaces cost ~0.15-0.25 ms per call with
+# cold caches (bench/RESULTS.md), a tenth of a ResNet-50 inference.
 # ----------------------------------------------------------------------------------------------
-def _f64c(v):
-    return np.ascontiguousarray(v, dtype=np.float64)
+_inv_std = njit(eq.inv_std)
+_y_coefficient = njit(eq.y_coefficient)
+_shifted_moments = njit(eq.shifted_moments)
+_backward_coefficients = njit(eq.backward_coefficients)
+
+# the two builds of each kernel, as globals that compiled code can call
+_moments_last_p, _moments_last_s = _moments_last.parallel, _moments_last.serial
+_grad_sums_last_p, _grad_sums_last_s = _grad_sums_last.parallel, _grad_sums_last.serial
+_scale_shift_last_p, _scale_shift_last_s = _scale_shift_last.parallel, _scale_shift_last.serial
+_grad_apply_last_p, _grad_apply_last_s = _grad_apply_last.parallel, _grad_apply_last.serial
+_moments_first_p, _moments_first_s = _moments_first.parallel, _moments_first.serial
+_grad_sums_first_p, _grad_sums_first_s = _grad_sums_first.parallel, _grad_sums_first.serial
+_scale_shift_first_p, _scale_shift_first_s = _scale_shift_first.parallel, _scale_shift_first.serial
+_grad_apply_first_p, _grad_apply_first_s = _grad_apply_first.parallel, _grad_apply_first.serial
 
 
+@njit(cache=True)
 def _virtual(rows, channels):
     """k such that a (rows, C) matrix is processed as (rows/k, k*C); 1 when C is wide enough."""
     if channels >= _MIN_VIRTUAL_CHANNELS:
@@ -378,20 +393,31 @@ def _virtual(rows, channels):
     return max(1, min(rows, -(-_MIN_VIRTUAL_CHANNELS // channels)))
 
 
-def _row_parts(a2, k):
-    """The first rows - rows % k rows as (rows/k, k*C), then the remaining rows as they are."""
-    rows, channels = a2.shape
+@njit(cache=True)
+def _parts(a3, k):
+    """A channels-last (rows, C, 1) array as its first rows - rows % k rows viewed as
+    (rows/k, k*C), and the remaining rows as (rows % k, C); either may have no rows."""
+    rows, channels = a3.shape[0], a3.shape[1]
+    a2 = a3.reshape(rows, channels)
     main = rows - rows % k
-    parts = [a2[:main].reshape(main // k, k * channels)] if main else []
-    return parts + ([a2[main:]] if main < rows else [])
+    return a2[:main].reshape(main // k, k * channels), a2[main:]
 
 
+@njit(cache=True)
 def _channel_group(channels, inner):
     """Planes per channels-first work item: ~16K values, so that short planes (7x7) do not
     pay a work item's fixed cost each."""
-    return int(min(channels, max(1, (1 << 14) // inner)))
+    return min(channels, max(1, (1 << 14) // inner))
 
 
+@njit(cache=True)
+def _rows_per_block(width):
+    """Rows per block: _BLOCK_VALUES values, and at least 256 rows, so that a block's fixed costs
+    (its running sums, of one value per virtual channel) stay small next to its work."""
+    return max(256, _BLOCK_VALUES // max(1, width))
+
+
+@njit(cache=True)
 def _row_walk(width):
     """(prefetch distance in bytes, four rows per step?) for channels-last reductions: narrow
     rows prefetch and take four rows per step, wide rows (> _NARROW_WIDTH) neither, as measured
@@ -400,60 +426,166 @@ def _row_walk(width):
     return (_PREFETCH_BYTES if narrow else 0), narrow
 
 
-def _rows_per_block(width):
-    """Rows per block: _BLOCK_VALUES values, and at least 256 rows, so that a block's fixed costs
-    (its running sums, of one value per virtual channel) stay small next to its work."""
-    return max(256, _BLOCK_VALUES // max(1, width))
-
-
-def _views(arrays):
-    """(kind, [2-D or 3-D kernel views]) of canonical arrays; channels last -> (rows, C) parts."""
-    kind = storage(arrays[0])[1]
-    ins = [storage(a)[0] for a in arrays]
-    outer, channels, inner = ins[0].shape
+@njit(cache=True)
+def _moments_sums(xs, kind, shift):
+    """Per-channel (sum(d), sum(d * d)), d = x - shift, of a canonical storage view."""
+    outer, channels, inner = xs.shape
     if inner > 1:
-        return kind, None, ins
+        group = _channel_group(channels, inner)
+        if xs.size >= _PARALLEL_MIN_VALUES:
+            return _moments_first_p(xs, kind, shift, group, _BLOCK_VALUES)
+        return _moments_first_s(xs, kind, shift, group, _BLOCK_VALUES)
+    s1 = np.zeros(channels)
+    s2 = np.zeros(channels)
+    for part in _parts(xs, _virtual(outer, channels)):
+        if part.shape[0] == 0:
+            continue
+        width = part.shape[1]
+        ahead, four = _row_walk(width)
+        if part.size >= _PARALLEL_MIN_VALUES:
+            a, b = _moments_last_p(part, kind, shift, _rows_per_block(width), ahead, four)
+        else:
+            a, b = _moments_last_s(part, kind, shift, _rows_per_block(width), ahead, four)
+        s1 += a
+        s2 += b
+    return s1, s2
+
+
+@njit(cache=True)
+def _grad_sums(dys, xs, kind, mean):
+    """Per-channel (sum(dy), sum(dy * (x - mean))) of canonical storage views."""
+    outer, channels, inner = xs.shape
+    if inner > 1:
+        group = _channel_group(channels, inner)
+        if xs.size >= _PARALLEL_MIN_VALUES:
+            return _grad_sums_first_p(dys, xs, kind, mean, group, _BLOCK_VALUES)
+        return _grad_sums_first_s(dys, xs, kind, mean, group, _BLOCK_VALUES)
     k = _virtual(outer, channels)
-    return kind, list(zip(*[_row_parts(a.reshape(outer, channels), k) for a in ins])), ins
+    dparts, xparts = _parts(dys, k), _parts(xs, k)
+    s1 = np.zeros(channels)
+    s2 = np.zeros(channels)
+    for i in range(2):
+        d, x = dparts[i], xparts[i]
+        if x.shape[0] == 0:
+            continue
+        width = x.shape[1]
+        ahead, four = _row_walk(width)
+        if x.size >= _PARALLEL_MIN_VALUES:
+            a, b = _grad_sums_last_p(d, x, kind, mean, _rows_per_block(width), ahead, four)
+        else:
+            a, b = _grad_sums_last_s(d, x, kind, mean, _rows_per_block(width), ahead, four)
+        s1 += a
+        s2 += b
+    return s1, s2
 
 
-def _reduce(last_kernel, first_kernel, arrays, vector):
-    """Per-channel float64 (sum1, sum2) of a reduction kernel over ``arrays`` (canonical views)."""
-    vector = _f64c(vector)
-    if arrays[0].size == 0:
-        return np.zeros(vector.shape[0]), np.zeros(vector.shape[0])
-    kind, parts, ins = _views(arrays)
-    if parts is None:
-        return first_kernel(ins[0].size, *ins, kind, vector, _channel_group(*ins[0].shape[1:]), _BLOCK_VALUES)
-    sums = [last_kernel(p[0].size, *p, kind, vector, _rows_per_block(p[0].shape[1]), *_row_walk(p[0].shape[1]))
-            for p in parts]
-    return tuple(sum(s[i] for s in sums) for i in (0, 1))
+@njit(cache=True)
+def _scale_shift(xs, kind, mean, y_coef, offset, ys):
+    """ys = (x - mean) * y_coef + offset on canonical storage views."""
+    outer, channels, inner = xs.shape
+    if inner > 1:
+        group = _channel_group(channels, inner)
+        if xs.size >= _PARALLEL_MIN_VALUES:
+            _scale_shift_first_p(xs, kind, mean, y_coef, offset, group, ys)
+        else:
+            _scale_shift_first_s(xs, kind, mean, y_coef, offset, group, ys)
+        return
+    k = _virtual(outer, channels)
+    xparts, yparts = _parts(xs, k), _parts(ys, k)
+    for i in range(2):
+        x, y = xparts[i], yparts[i]
+        if x.shape[0] == 0:
+            continue
+        if x.size >= _PARALLEL_MIN_VALUES:
+            _scale_shift_last_p(x, kind, mean, y_coef, offset, _rows_per_block(x.shape[1]), y)
+        else:
+            _scale_shift_last_s(x, kind, mean, y_coef, offset, _rows_per_block(x.shape[1]), y)
 
 
-def _elementwise(last_kernel, first_kernel, arrays, vectors, out3):
-    """Run an elementwise kernel on inputs ``arrays`` with per-channel ``vectors``; returns y3."""
-    x3 = arrays[-1]
-    y3 = np.empty(x3.shape, x3.dtype) if out3 is None else out3
-    if x3.size == 0:
-        return y3
-    vectors = [_f64c(v) for v in vectors]
-    kind, parts, ins = _views(arrays + [y3])
-    if parts is None:
-        first_kernel(x3.size, *ins[:-1], kind, *vectors, _channel_group(*x3.shape[1:]), ins[-1])
-    else:
-        for p in parts:
-            last_kernel(p[0].size, *p[:-1], kind, *vectors, _rows_per_block(p[0].shape[1]), p[-1])
-    return y3
+@njit(cache=True)
+def _grad_apply(dys, xs, kind, mean, a, b, c, dxs):
+    """dxs = a*dy + b*(x - mean) + c on canonical storage views."""
+    outer, channels, inner = xs.shape
+    if inner > 1:
+        group = _channel_group(channels, inner)
+        if xs.size >= _PARALLEL_MIN_VALUES:
+            _grad_apply_first_p(dys, xs, kind, mean, a, b, c, group, dxs)
+        else:
+            _grad_apply_first_s(dys, xs, kind, mean, a, b, c, group, dxs)
+        return
+    k = _virtual(outer, channels)
+    dparts, xparts, oparts = _parts(dys, k), _parts(xs, k), _parts(dxs, k)
+    for i in range(2):
+        d, x, o = dparts[i], xparts[i], oparts[i]
+        if x.shape[0] == 0:
+            continue
+        if x.size >= _PARALLEL_MIN_VALUES:
+            _grad_apply_last_p(d, x, kind, mean, a, b, c, _rows_per_block(x.shape[1]), o)
+        else:
+            _grad_apply_last_s(d, x, kind, mean, a, b, c, _rows_per_block(x.shape[1]), o)
+
+
+@njit(cache=True)
+def _first_values(xs, kind):
+    """x[0, c, 0] per channel, as float64: the shift of the one-pass moments."""
+    shift = np.empty(xs.shape[1])
+    for c in range(xs.shape[1]):
+        shift[c] = decode(xs[0, c, 0], kind)
+    return shift
+
+
+@njit(cache=True)
+def _training(xs, kind, scale, offset, epsilon, ys):
+    """The training forward pass in one call: moments, the equations, then y.  Returns
+    (mean, biased variance, done); done is False, and y unwritten, when a statistic is not
+    finite (NaN/Inf in x), which the caller hands to moments()."""
+    outer, channels, inner = xs.shape
+    shift = _first_values(xs, kind)
+    s1, s2 = _moments_sums(xs, kind, shift)
+    mean, var = _shifted_moments(shift, s1, s2, outer * inner)
+    if not np.isfinite(mean + var).all():
+        return mean, var, False
+    _scale_shift(xs, kind, mean, _y_coefficient(scale, _inv_std(var, epsilon)), offset, ys)
+    return mean, var, True
+
+
+@njit(cache=True)
+def _inference(xs, kind, scale, offset, mean, variance, epsilon, ys):
+    """The inference forward pass in one call: the equations, then y."""
+    _scale_shift(xs, kind, mean, _y_coefficient(scale, _inv_std(variance, epsilon)), offset, ys)
+
+
+@njit(cache=True)
+def _gradient(dys, xs, kind, scale, mean, variance, epsilon, is_training, dxs):
+    """The backward pass in one call: the sums, the equations, then dx; returns (dgamma, dbeta)."""
+    outer, channels, inner = xs.shape
+    sum_dy, sum_dy_xc = _grad_sums(dys, xs, kind, mean)
+    coefs = _backward_coefficients(sum_dy, sum_dy_xc, outer * inner, scale, _inv_std(variance, epsilon),
+                                   is_training)
+    _grad_apply(dys, xs, kind, mean, coefs.dx_coef_dy, coefs.dx_coef_xc, coefs.dx_coef_0, dxs)
+    return coefs.dgamma, coefs.dbeta
 
 
 # ----------------------------------------------------------------------------------------------
 # the backend interface
 # ----------------------------------------------------------------------------------------------
+def _f64c(v):
+    return np.ascontiguousarray(v, dtype=np.float64)
+
+
+def _output(x3, out3):
+    return np.empty(x3.shape, x3.dtype) if out3 is None else out3
+
+
 def moments(x3):
     """Per-channel mean and biased variance from one shifted pass (see the module docstring)."""
     outer, channels, inner = x3.shape
     shift = np.asarray(x3[0, :, 0], dtype=np.float64)
-    sum_d, sum_d2 = _reduce(_moments_last, _moments_first, [x3], shift)
+    if x3.size == 0:
+        sum_d, sum_d2 = np.zeros(channels), np.zeros(channels)
+    else:
+        xs, kind = storage(x3)
+        sum_d, sum_d2 = _moments_sums(xs, kind, shift)
     with np.errstate(invalid="ignore", over="ignore"):
         mean, var = eq.shifted_moments(shift, sum_d, sum_d2, outer * inner)
     bad = ~np.isfinite(mean + var)
@@ -464,15 +596,59 @@ def moments(x3):
 
 def scale_shift(x3, mean, y_coef, offset, out3=None):
     """y = (x - mean) * y_coef + offset."""
-    return _elementwise(_scale_shift_last, _scale_shift_first, [x3], [mean, y_coef, offset], out3)
+    y3 = _output(x3, out3)
+    if x3.size:
+        xs, kind = storage(x3)
+        _scale_shift(xs, kind, _f64c(mean), _f64c(y_coef), _f64c(offset), storage(y3)[0])
+    return y3
 
 
 def grad_sums(dy3, x3, mean):
     """sum(dy) and sum(dy * (x - mean)) per channel."""
-    return _reduce(_grad_sums_last, _grad_sums_first, [dy3, x3], mean)
+    if x3.size == 0:
+        return np.zeros(x3.shape[1]), np.zeros(x3.shape[1])
+    xs, kind = storage(x3)
+    return _grad_sums(storage(dy3)[0], xs, kind, _f64c(mean))
 
 
 def grad_apply(dy3, x3, mean, coefs, out3=None):
     """dx = a*dy + b*(x - mean) + c."""
-    return _elementwise(_grad_apply_last, _grad_apply_first, [dy3, x3],
-                        [mean, coefs.dx_coef_dy, coefs.dx_coef_xc, coefs.dx_coef_0], out3)
+    dx3 = _output(x3, out3)
+    if x3.size:
+        xs, kind = storage(x3)
+        _grad_apply(storage(dy3)[0], xs, kind, _f64c(mean), _f64c(coefs.dx_coef_dy), _f64c(coefs.dx_coef_xc),
+                    _f64c(coefs.dx_coef_0), storage(dx3)[0])
+    return dx3
+
+
+# One call per op (see refbn.backends): the same steps as refbn.core's composition of the four
+# functions above, in compiled code.  Each returns None where the composition must run instead.
+def forward_training(x3, scale, offset, epsilon, out3=None):
+    """(y3, mean, biased variance) of the training forward pass, or None (empty or non-finite x)."""
+    if x3.size == 0:
+        return None
+    y3 = _output(x3, out3)
+    xs, kind = storage(x3)
+    mean, var, done = _training(xs, kind, _f64c(scale), _f64c(offset), float(epsilon), storage(y3)[0])
+    return (y3, mean, var) if done else None
+
+
+def forward_inference(x3, scale, offset, mean, variance, epsilon, out3=None):
+    """y3 of the inference forward pass."""
+    y3 = _output(x3, out3)
+    if x3.size:
+        xs, kind = storage(x3)
+        _inference(xs, kind, _f64c(scale), _f64c(offset), _f64c(mean), _f64c(variance), float(epsilon),
+                   storage(y3)[0])
+    return y3
+
+
+def backward(dy3, x3, scale, mean, variance, epsilon, is_training, out3=None):
+    """(dx3, dgamma, dbeta) of the backward pass, or None (empty x)."""
+    if x3.size == 0:
+        return None
+    dx3 = _output(x3, out3)
+    xs, kind = storage(x3)
+    dgamma, dbeta = _gradient(storage(dy3)[0], xs, kind, _f64c(scale), _f64c(mean), _f64c(variance),
+                              float(epsilon), bool(is_training), storage(dx3)[0])
+    return dx3, dgamma, dbeta
