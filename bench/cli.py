@@ -141,17 +141,20 @@ def _run_jit():
 
 def _jit_stats():
     """Per numba kernel: signatures compiled or loaded in this process, cache hits and misses."""
+    from numba.core.dispatcher import Dispatcher
     from refbn.backends import numba_kernels as nk
-    stats = {}
+    dispatchers = {}
     for name, k in vars(nk).items():
         if isinstance(k, nk._Kernel):
-            for build in ("serial", "parallel"):
-                d = getattr(k, build)
-                if d.signatures:
-                    s = d.stats
-                    stats[f"{name}.{build}"] = {"signatures": len(d.signatures),
-                                                "cache_hits": sum(s.cache_hits.values()),
-                                                "cache_misses": sum(s.cache_misses.values())}
+            dispatchers.update({f"{name}.serial": k.serial, f"{name}.parallel": k.parallel})
+        elif isinstance(k, Dispatcher) and k not in dispatchers.values():   # the compiled glue and drivers
+            dispatchers[name] = k
+    stats = {}
+    for name, d in dispatchers.items():
+        if d.signatures:
+            s = d.stats
+            stats[name] = {"signatures": len(d.signatures), "cache_hits": sum(s.cache_hits.values()),
+                           "cache_misses": sum(s.cache_misses.values())}
     return stats
 
 
