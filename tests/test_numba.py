@@ -110,6 +110,42 @@ def test_wide_and_narrow_row_walks_match_the_closed_form(shape):
                  what=str(shape), scale=np.abs(dy64 * (x64 - mean)).sum(axis=0))
 
 
+_ONE_CALL_CASES = [("NHWC", (5, 33, 35, 24), np.float32), ("NCHW", (5, 24, 33, 35), np.float32),
+                   ("NC", (1001, 3), np.float32), ("NHWC", (2, 5, 6, 7), dtypes.bfloat16),
+                   ("NCHW", (2, 7, 5, 6), np.float16), ("NC", (3, 300), np.float64)]
+
+
+@pytest.mark.parametrize("data_format, shape, dtype", _ONE_CALL_CASES,
+                         ids=[f"{f}-{'x'.join(map(str, s))}-{np.dtype(d).name}" for f, s, d in _ONE_CALL_CASES])
+def test_one_call_path_gives_the_same_bits_as_the_composed_path(data_format, shape, dtype):
+    """Without a trace an op is one compiled call (refbn.backends); with one, core composes the
+    four backend functions and the equations in Python.  Same kernels, same equations, same
+    order: every output must be bit-identical, so the two paths cannot drift apart."""
+    layout = Layout.from_data_format(shape, data_format)
+    x = make_x(shape, dtype, seed=31, loc=1.5, scale=2.0)
+    dy = make_x(shape, dtype, seed=32)
+    scale, offset = _params(layout.channels)
+    mean, var = (np.abs(v) for v in _params(layout.channels, seed=33))
+    kw = dict(epsilon=EPS, data_format=data_format, backend="numba")
+    for training, stats in ((True, ([], [])), (False, (mean, var))):
+        one = refbn.raw_ops.FusedBatchNormV3(x, scale, offset, *stats, is_training=training, **kw)
+        composed = refbn.raw_ops.FusedBatchNormV3(x, scale, offset, *stats, is_training=training, trace=True, **kw)
+        for name in ("y", "batch_mean", "batch_variance", "reserve_space_1", "reserve_space_2"):
+            a, b = getattr(one, name), getattr(composed, name)
+            assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True), (
+                f"{name} (training={training}): the one-call path differs from the composed path "
+                f"in {np.sum(a != b)} of {a.size} values")
+        g1 = refbn.raw_ops.FusedBatchNormGradV3(dy, x, scale, one.reserve_space_1, one.reserve_space_2, [],
+                                                is_training=training, **kw)
+        g2 = refbn.raw_ops.FusedBatchNormGradV3(dy, x, scale, one.reserve_space_1, one.reserve_space_2, [],
+                                                is_training=training, trace=True, **kw)
+        for name in ("x_backprop", "scale_backprop", "offset_backprop"):
+            a, b = getattr(g1, name), getattr(g2, name)
+            assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True), (
+                f"{name} (training={training}): the one-call path differs from the composed path "
+                f"in {np.sum(a != b)} of {a.size} values")
+
+
 # float64 runs the same parallel code as float32, so its parallel build (3 s of compiling) is left out
 _BUILDS = [(s, d) for s in ("serial", "parallel") for d in DTYPES if not (s == "parallel" and d == dtypes.float64)]
 
