@@ -47,11 +47,14 @@ the data still in the last-level cache, measured no faster and slowed the
 channels-first layouts, so the passes run forwards.)  Inputs under 2^17
 values run a serial build of the same kernels: waking threads costs more.
 
-Threads.  With TensorFlow in the same process, numba's default OpenMP
-layer and TF's thread pool fight over the cores (measured: 8-16 ms per
-call instead of 3); set ``NUMBA_THREADING_LAYER=workqueue`` there, as
-``refbn bench`` does.  Results do not depend on the thread count: blocks,
-not threads, own the partial sums.
+Threads.  Each op makes two parallel launches.  numba's OpenMP layer
+launches in ~4 us (~50 us with cold caches), its ``workqueue`` layer in
+~130 us (~200 us): OpenMP is the fast choice and the one ``refbn bench``
+uses.  On a machine whose cores are busy with other work (TensorFlow's
+thread pool under load included) OpenMP's spinning barrier degrades by
+2-4x; set ``NUMBA_THREADING_LAYER=workqueue`` there.  Results do not
+depend on the layer or the thread count: blocks, not threads, own the
+partial sums.
 """
 import types
 
