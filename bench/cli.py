@@ -139,6 +139,14 @@ def _run_jit():
     return out
 
 
+def _omp_available():
+    try:
+        import numba.np.ufunc.omppool  # noqa: F401  (the OpenMP threading layer's library)
+    except ImportError:
+        return False
+    return True
+
+
 def _jit_stats():
     """Per numba kernel: signatures compiled or loaded in this process, cache hits and misses."""
     from numba.core.dispatcher import Dispatcher
@@ -181,6 +189,9 @@ def main(args):
         return 2
     threads = args.threads or os.cpu_count() or 1
     import numba
+    if args.numba_layer == "omp" and not _omp_available():
+        console.print("refbn bench: numba's OpenMP layer cannot load here (no libgomp?); using workqueue")
+        args.numba_layer = "workqueue"
     if args.numba_layer != "default":
         numba.config.THREADING_LAYER = args.numba_layer   # read at numba's first parallel launch
         os.environ["NUMBA_THREADING_LAYER"] = args.numba_layer   # and by the worker processes
