@@ -133,6 +133,16 @@ def _fold(partial, channels):
     return total
 
 
+@njit(inline="always")
+def _close_run(s1, s2, t1, t2):
+    """Add a run's per-channel sums (t1, t2) to the block's (s1, s2); the next run starts at 0."""
+    for c in range(s1.shape[0]):
+        s1[c] += t1[c]
+        s2[c] += t2[c]
+        t1[c] = 0.0
+        t2[c] = 0.0
+
+
 @_kernel(_REDUCE)
 def _moments_last(x, kind, shift, rows, ahead_bytes, four_rows):
     """(sum(d), sum(d * d)) per channel, d = x - shift, with float64 partial sums per block.
@@ -174,11 +184,7 @@ def _moments_last(x, kind, shift, rows, ahead_bytes, four_rows):
                     d = decode(x[rr, c], kind) - sh[c]
                     t1[c] += d
                     t2[c] += d * d
-            for c in range(width):
-                s1[c] += t1[c]
-                s2[c] += t2[c]
-                t1[c] = 0.0
-                t2[c] = 0.0
+            _close_run(s1, s2, t1, t2)
         p1[b, :] = s1
         p2[b, :] = s2
     return _fold(p1, shift.shape[0]), _fold(p2, shift.shape[0])
@@ -213,11 +219,7 @@ def _grad_sums_last(dy, x, kind, mean, rows, ahead_bytes, four_rows):
                     g = decode(dy[r, c], kind)
                     t1[c] += g
                     t2[c] += g * (decode(x[r, c], kind) - mt[c])
-            for c in range(width):
-                s1[c] += t1[c]
-                s2[c] += t2[c]
-                t1[c] = 0.0
-                t2[c] = 0.0
+            _close_run(s1, s2, t1, t2)
         p1[b, :] = s1
         p2[b, :] = s2
     return _fold(p1, mean.shape[0]), _fold(p2, mean.shape[0])
