@@ -191,12 +191,11 @@ def _moments_last(x, kind, shift, rows, ahead_bytes, four_rows):
 
 
 @_kernel(_REDUCE)
-def _grad_sums_last(dy, x, kind, mean, rows, ahead_bytes, four_rows):
+def _grad_sums_last(dy, x, kind, mean, rows, ahead_bytes):
     """(sum(dy), sum(dy * (x - mean))) per channel, with float64 partial sums per block.
 
     One row per step at every width (four rows per step, as in _moments_last, measured
-    slower here: two arrays make eight streams).  ``four_rows`` is accepted for a common
-    signature and ignored."""
+    slower here: two arrays make eight streams)."""
     total, width = x.shape
     mt = _tiled(mean, width)
     blocks = (total + rows - 1) // rows
@@ -474,11 +473,11 @@ def _grad_sums(dys, xs, kind, mean):
         if x.shape[0] == 0:
             continue
         width = x.shape[1]
-        ahead, four = _row_walk(width)
+        ahead = _row_walk(width)[0]
         if x.size >= _PARALLEL_MIN_VALUES:
-            a, b = _grad_sums_last_p(d, x, kind, mean, _rows_per_block(width), ahead, four)
+            a, b = _grad_sums_last_p(d, x, kind, mean, _rows_per_block(width), ahead)
         else:
-            a, b = _grad_sums_last_s(d, x, kind, mean, _rows_per_block(width), ahead, four)
+            a, b = _grad_sums_last_s(d, x, kind, mean, _rows_per_block(width), ahead)
         s1 += a
         s2 += b
     return s1, s2
