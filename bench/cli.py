@@ -5,10 +5,15 @@ forward, bwd = training backward), float32:
 
 1. every contender runs once and is checked against the float64 truth with
    its declared tolerance; a wrong contender is refused, never timed;
-2. refbn numpy, refbn numba, TF oneDNN (this process) and the memory floors
-   are timed alternating, with warm-up, each call after a cache flush
-   (``--cache cold``) and a short pause; TF Eigen runs in a subprocess with
-   ``TF_ENABLE_ONEDNN_OPTS=0`` against that process's own floors;
+2. refbn numpy, refbn numba, one TF kernel family (this process) and the
+   memory floors are timed alternating, with warm-up, each call after a cache
+   flush (``--cache cold``) and a short pause.  This process runs TF oneDNN
+   when it is asked for (``TF_ENABLE_ONEDNN_OPTS=1`` is set before TF loads,
+   unless the variable is already set or TF already loaded); every other TF
+   kernel runs in a worker process with the variable forced for it, timed
+   against that process's own floors.  Each TF row is labelled by the kernel
+   TF reports (``IsMklEnabled``), never by the one asked for: on a CPU where
+   TF's default is Eigen (no AVX-512), oneDNN is forced, not skipped;
 3. a table gives median/min ms, GB/s on the floor's bytes, and the ratios
    to the floor and to TF; a goals table checks the targets of issue 4;
 4. ``--json`` writes every time and check, ``--plot`` a PNG of the ratios.
@@ -31,7 +36,9 @@ import numpy as np
 GOALS = {"train": (0.70, 1.25), "infer": (0.60, 1.05), "bwd": (0.85, 1.20)}
 NUMPY_VS_TF = 5.0       # the numpy reference within 5x of TF
 NCHW_VS_NHWC = 1.20     # refbn's channels-first within 1.2x of its channels-last
-CONTENDERS = ("numpy", "numba", "tf", "tf_eigen")
+CONTENDERS = ("numpy", "numba", "tf_onednn", "tf_eigen")
+TF_KERNELS = ("onednn", "eigen")      # TF_ENABLE_ONEDNN_OPTS=1 / 0
+ALIASES = {"tf": ("tf_onednn", "tf_eigen")}
 
 
 def configure(p):
@@ -40,7 +47,8 @@ def configure(p):
                         "such as 32x56x56x64,n32c64h56w56:NCHW,2048x1024 (default: resnet50)")
     p.add_argument("--ops", default="train,infer,bwd", help="comma-separated: train, infer, bwd")
     p.add_argument("--contenders", default=",".join(CONTENDERS),
-                   help="comma-separated: numpy, numba, tf (oneDNN, in process), tf_eigen (subprocess)")
+                   help="comma-separated: numpy, numba, tf_onednn, tf_eigen, or tf for both TF kernels "
+                        "(oneDNN runs in this process, alternating with refbn; the other in a worker process)")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for numba and TF (default: all cores, %d here)" % (os.cpu_count() or 1))
     p.add_argument("--repeats", type=int, default=15, help="timed rounds per shape and op (default 15)")
@@ -63,13 +71,40 @@ def configure(p):
     p.add_argument("--markdown", metavar="FILE.md", help="write the tables as Markdown (as in bench/RESULTS.md)")
 
 
-def _parse_list(text, allowed, name):
-    items = [t.strip() for t in text.split(",") if t.strip()]
+def _parse_list(text, allowed, name, aliases=None):
+    items = []
+    for t in (t.strip() for t in text.split(",")):
+        if t:
+            items += (aliases or {}).get(t, (t,))
     bad = [t for t in items if t not in allowed]
     if bad or not items:
+        extra = f" (or {', '.join(aliases)})" if aliases else ""
         raise SystemExit(f"refbn bench: {name}: expected a comma-separated subset of "
-                         f"{', '.join(allowed)}, got {text!r}")
-    return items
+                         f"{', '.join(allowed)}{extra}, got {text!r}")
+    return list(dict.fromkeys(items))
+
+
+def start_tf_in_process(wanted):
+    """Import TF here for the first wanted kernel it can run; returns (module, kernel TF reports).
+
+    TF picks its kernel family when it is imported, from ``TF_ENABLE_ONEDNN_OPTS``.  Unless the
+    variable is already set or TF is already loaded, it is set for the first wanted kernel, so
+    that kernel alternates with refbn in this process.  Which kernel then runs is asked of TF.
+    """
+    if "tensorflow" not in sys.modules and "TF_ENABLE_ONEDNN_OPTS" not in os.environ:
+        os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1" if wanted[0] == "onednn" else "0"
+    from refbn.compare import tf_bench
+    return tf_bench, tf_bench.info()["kernel"]
+
+
+def plan_tf(wanted, in_process):
+    """Which TF kernels run in this process and which in workers.
+
+    ``wanted``: kernel names asked for, in order; ``in_process``: the kernel TF reports in this
+    process (None if TF could not load).  Returns (run here: bool, [kernels for workers]).
+    """
+    here = in_process in wanted
+    return here, [k for k in wanted if k != in_process]
 
 
 def machine_info(threads):
@@ -102,15 +137,17 @@ def machine_info(threads):
             "time": time.strftime("%Y-%m-%d %H:%M:%S %z")}
 
 
-def _run_eigen(args, shapes, ops, threads, on_line):
+def _run_tf_worker(kernel, args, shapes, ops, threads, on_line):
+    """TF with TF_ENABLE_ONEDNN_OPTS forced for ``kernel`` in a worker: (result, error lines)."""
     req = {"shapes": [str(s) for s in shapes], "ops": ops, "threads": threads, "repeats": args.repeats,
-           "warmup": args.warmup, "cache": args.cache, "gap_ms": args.gap_ms, "seed": args.seed}
+           "warmup": args.warmup, "cache": args.cache, "gap_ms": args.gap_ms, "seed": args.seed,
+           "kernel_requested": kernel}
     with tempfile.TemporaryDirectory(prefix="refbn-bench-") as tmp:
         req_path, out_path = os.path.join(tmp, "req.json"), os.path.join(tmp, "out.json")
         with open(req_path, "w") as f:
             json.dump(req, f)
-        env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0", TF_CPP_MIN_LOG_LEVEL="2")
-        proc = subprocess.Popen([sys.executable, "-m", "refbn.bench.eigen_worker", req_path, out_path],
+        env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="1" if kernel == "onednn" else "0", TF_CPP_MIN_LOG_LEVEL="2")
+        proc = subprocess.Popen([sys.executable, "-m", "refbn.bench.tf_worker", req_path, out_path],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         for line in proc.stdout:
             if line.startswith("{"):
@@ -181,7 +218,7 @@ def main(args):
         console.print(f"refbn bench: {e}")
         return 2
     ops = _parse_list(args.ops, data.OPS, "--ops")
-    contenders = _parse_list(args.contenders, CONTENDERS, "--contenders")
+    contenders = _parse_list(args.contenders, CONTENDERS, "--contenders", ALIASES)
     if args.gap_ms is None:
         args.gap_ms = 0.0 if args.cache == "cold" else 2.0
     if args.repeats < 1 or args.warmup < 0:
@@ -198,14 +235,18 @@ def main(args):
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     backends = [b for b in ("numpy", "numba") if b in contenders]
     tf_module, tf_kernel, notes = None, None, []
-    if "tf" in contenders:
+    tf_wanted = [k for k in TF_KERNELS if f"tf_{k}" in contenders]
+    workers = []
+    if tf_wanted:
         try:
-            from refbn.compare import tf_bench as tf_module
+            tf_module, tf_kernel = start_tf_in_process(tf_wanted)
             tf_module.configure_threads(threads)
-            tf_kernel = tf_module.info()["kernel"]
         except ImportError as e:
             notes.append(f"TF contenders skipped: {e}")
-            tf_module = None
+            tf_wanted = []
+        here, workers = plan_tf(tf_wanted, tf_kernel)
+        if not here:
+            tf_module = None       # TF loaded here with a kernel nobody asked for: not timed
     info = machine_info(threads)
     flush = floors.Flusher(args.cache == "cold")
     records = []
@@ -232,27 +273,42 @@ def main(args):
                                   tick=lambda: progress.advance(task))
                 records.append(runner.summarize(cs, inp, op))
             del inp, buffers
-        eigen = None
-        if "tf_eigen" in contenders:
-            t2 = progress.add_task("TF Eigen (subprocess)", total=groups)
-            eigen, err = _run_eigen(args, shapes, ops, threads, lambda _: progress.advance(t2))
-            if eigen is None:
-                notes.append("TF Eigen worker failed: " + " | ".join(err or []))
+        worker_results = {}
+        for kernel in workers:
+            t2 = progress.add_task(f"TF {kernel} (worker process)", total=groups)
+            res, err = _run_tf_worker(kernel, args, shapes, ops, threads, lambda _: progress.advance(t2))
+            if res is None:
+                notes.append(f"TF worker for {kernel} failed: " + " | ".join(err or []))
+                continue
+            got = res["info"]["kernel"]
+            if got != kernel:
+                notes.append(f"TF was forced to {kernel} (TF_ENABLE_ONEDNN_OPTS="
+                             f"{'1' if kernel == 'onednn' else '0'}) but reports {got}: "
+                             f"{'oneDNN cannot run on this CPU' if kernel == 'onednn' else 'Eigen was not selected'}")
+            if got == tf_kernel and tf_module is not None or got in worker_results:
+                notes.append(f"TF {got} from the {kernel} worker dropped: that kernel is already timed")
+                continue
+            worker_results[got] = res
         jit = None
         if args.jit and "numba" in contenders:
             progress.add_task("numba cold compile / warm start (subprocesses)", total=None)
             jit = _run_jit()
-    if eigen:
-        by_key = {(r["shape"], r["op"]): r for r in eigen["records"]}
+    for kernel, res in worker_results.items():
+        by_key = {(r["shape"], r["op"]): r for r in res["records"]}
         for rec in records:
             e = by_key.get((rec["shape"], rec["op"]))
             if e:
-                rec["contenders"].update({k: dict(v, process="eigen worker") for k, v in e["contenders"].items()
-                                          if v["family"] == "tf"})
-                rec["eigen_worker_floor_ms"] = e["floor_ms"]
-                for v in rec["contenders"].values():
-                    if v.get("process") == "eigen worker" and v.get("median_ms"):
+                tf_rows = {k: dict(v, process="worker") for k, v in e["contenders"].items() if v["family"] == "tf"}
+                rec["contenders"].update(tf_rows)
+                rec.setdefault("worker_floor_ms", {})[kernel] = e["floor_ms"]
+                for v in tf_rows.values():
+                    if v.get("median_ms"):
                         v["x_floor"] = v["median_ms"] / e["floor_ms"]
+    if tf_module is not None:
+        for rec in records:
+            for v in rec["contenders"].values():
+                if v["family"] == "tf" and "process" not in v:
+                    v["process"] = "this"
     for rec in records:
         runner.add_ratios(rec)
     try:
@@ -261,9 +317,10 @@ def main(args):
     except ValueError:
         info["numba_threading_layer"] = None
     if tf_module is not None:
-        info["tf"] = tf_module.info()
-    if eigen:
-        info["tf_eigen"] = eigen["info"]
+        info["tf"] = dict(tf_module.info(), process="this")
+    info["tf_workers"] = {k: r["info"] for k, r in worker_results.items()}
+    if "tf" not in info and worker_results:
+        info["tf"] = dict(next(iter(worker_results.values()))["info"], process="worker")
     info["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     info["wall_s"] = time.perf_counter() - t_start
     config = {"shapes": [str(s) for s in shapes], "ops": ops, "contenders": contenders, "repeats": args.repeats,

@@ -2,7 +2,21 @@
 from .cli import GOALS, NCHW_VS_NHWC, NUMPY_VS_TF
 
 _ORDER = ("numpy", "numba", "tf_onednn", "tf_eigen")
-_LABEL = {"numpy": "numpy", "numba": "numba", "tf_onednn": "TF oneDNN", "tf_eigen": "TF Eigen*"}
+_LABEL = {"numpy": "numpy", "numba": "numba", "tf_onednn": "TF oneDNN", "tf_eigen": "TF Eigen"}
+
+
+def row_label(name, c=None):
+    """A contender's row label; TF rows are named by the kernel TF reported, * = a worker process."""
+    return _LABEL[name] + ("*" if c and c.get("process") == "worker" else "")
+
+
+def _tf_line(m):
+    parts = []
+    tf = m.get("tf", {})
+    if tf.get("process") == "this":
+        parts.append(f"{_LABEL['tf_' + tf['kernel']]} in this process")
+    parts += [f"{_LABEL['tf_' + k]} in a worker" for k in m.get("tf_workers", {})]
+    return ", ".join(parts) or "no TF kernel"
 
 
 def _fmt(v, spec=".2f"):
@@ -42,12 +56,13 @@ def print_all(console, result):
     cfg = result["config"]
     console.print(f"[bold]refbn bench[/bold]  {m['cpu']}, {m['cores']} cores, {m['threads']} threads; "
                   f"numpy {m['numpy']}, numba {m['numba']} ({m.get('numba_threading_layer')}), "
-                  f"TF {m.get('tf', {}).get('tf_version', '-')}; float32, cache {cfg['cache']}, "
+                  f"TF {m.get('tf', {}).get('tf_version', '-')} ({_tf_line(m)}); float32, cache {cfg['cache']}, "
                   f"{cfg['repeats']} rounds; load average {_load(m)}")
     t = Table(title="Times (median and min of alternating rounds); GB/s and x floor on the floor's bytes",
               caption="floor: train = read + copy, infer = copy, bwd = read x, dy + write dx "
-                      "(fastest of numpy and numba).  * TF Eigen ran in a subprocess; its x floor is "
-                      "against that process's floor, its x TF is not shown.")
+                      "(fastest of numpy and numba).  TF rows are named by the kernel TF reports.  * ran in a "
+                      "worker process (TF_ENABLE_ONEDNN_OPTS forced for it); its x floor is against that "
+                      "process's floor.")
     for col, just in (("shape", "left"), ("op", "left"), ("contender", "left"), ("median ms", "right"),
                       ("min ms", "right"), ("GB/s", "right"), ("x floor", "right"), ("x TF oneDNN", "right"),
                       ("check (max/allowed eps)", "right")):
@@ -65,9 +80,9 @@ def print_all(console, result):
                         default=None)
             check = "" if worst is None else f"{worst['max_ulps']:.2g}/{worst['allowed_ulps']:.3g}"
             if c.get("refused"):
-                t.add_row("", "", _LABEL[name], "REFUSED", "", "", "", "", check, style="red")
+                t.add_row("", "", row_label(name, c), "REFUSED", "", "", "", "", check, style="red")
                 continue
-            t.add_row("", "", _LABEL[name], _fmt(c.get("median_ms")), _fmt(c.get("min_ms")), _fmt(c.get("gbps"), ".1f"),
+            t.add_row("", "", row_label(name, c), _fmt(c.get("median_ms")), _fmt(c.get("min_ms")), _fmt(c.get("gbps"), ".1f"),
                       _fmt(c.get("x_floor")), _fmt(c.get("x_tf_onednn")) if name != "tf_onednn" else "1.00", check,
                       style="bold" if name == "numba" else None)
         t.add_section()
@@ -130,7 +145,8 @@ def plot(result, path):
         xs = np.arange(len(recs))
         for i, n in enumerate(names):
             vals = [r["contenders"].get(n, {}).get("x_floor") or np.nan for r in recs]
-            ax.bar(xs + (i - (len(names) - 1) / 2) * width, vals, width, label=_LABEL[n], color=colors[n])
+            ax.bar(xs + (i - (len(names) - 1) / 2) * width, vals, width, color=colors[n],
+                   label=row_label(n, next((r["contenders"][n] for r in recs if n in r["contenders"]), None)))
         ax.axhline(1.0, color="k", lw=0.8)
         ax.axhline(GOALS[op][1], color=colors["numba"], lw=0.8, ls="--")
         ax.set_yscale("log")
@@ -154,13 +170,13 @@ def markdown(result):
         f"- CPU: {m['cpu']} ({', '.join(f'{k} {v}' for k, v in m.get('cpu_detail', {}).items())}), "
         f"{m['cores']} cores, {m['threads']} threads used",
         f"- numpy {m['numpy']}, numba {m['numba']} (threading layer {m.get('numba_threading_layer')}), "
-        f"TensorFlow {tf.get('tf_version', '-')} (oneDNN in process, intra-op threads "
-        f"{tf.get('intra_op_threads', '-')}; Eigen in a worker process), Python {m['python']}",
+        f"TensorFlow {tf.get('tf_version', '-')} ({_tf_line(m)}, as TF reports; intra-op threads "
+        f"{tf.get('intra_op_threads', '-')}), Python {m['python']}",
         f"- float32, epsilon {cfg['epsilon']}, cache {cfg['cache']}, {cfg['repeats']} alternating rounds after "
         f"{cfg['warmup']} warm-up calls, pause {cfg['gap_ms']} ms; load average {_load(m)}; "
         f"run took {m.get('wall_s', 0):.0f} s on {m['time']}",
         "",
-        "| shape | op | floor ms | numpy ms | numba ms (min) | TF oneDNN ms (min) | TF Eigen ms* | numba GB/s "
+        "| shape | op | floor ms | numpy ms | numba ms (min) | TF oneDNN ms (min) | TF Eigen ms (min) | numba GB/s "
         "| numba x floor | numba x TF oneDNN | numba x TF Eigen | numpy x TF oneDNN |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -175,12 +191,16 @@ def markdown(result):
         lines.append(
             f"| {r['shape']} | {r['op']} | {r['floor_ms']:.2f} | {g('numpy', 'median_ms')} | "
             f"{g('numba', 'median_ms')} ({g('numba', 'min_ms')}) | {g('tf_onednn', 'median_ms')} "
-            f"({g('tf_onednn', 'min_ms')}) | {g('tf_eigen', 'median_ms')} | {g('numba', 'gbps', '.1f')} | "
+            f"({g('tf_onednn', 'min_ms')}) | {g('tf_eigen', 'median_ms')} ({g('tf_eigen', 'min_ms')}) | "
+            f"{g('numba', 'gbps', '.1f')} | "
             f"{g('numba', 'x_floor')} | {g('numba', 'x_tf_onednn')} | {g('numba', 'x_tf_eigen')} | "
             f"{g('numpy', 'x_tf_onednn')} |")
-    lines += ["", "\\* TF Eigen ran in its own process (TF_ENABLE_ONEDNN_OPTS=0); its floor there: "
-              + ", ".join(f"{r['shape']} {r['op']} {r['eigen_worker_floor_ms']:.2f}"
-                          for r in result["records"] if "eigen_worker_floor_ms" in r) + " ms.", ""]
+    for kernel in m.get("tf_workers", {}):
+        lines += ["", f"TF {_LABEL['tf_' + kernel]} ran in a worker process (TF_ENABLE_ONEDNN_OPTS="
+                  f"{'1' if kernel == 'onednn' else '0'}); its floor there: "
+                  + ", ".join(f"{r['shape']} {r['op']} {r['worker_floor_ms'][kernel]:.2f}"
+                              for r in result["records"] if kernel in r.get("worker_floor_ms", {})) + " ms."]
+    lines.append("")
     g = result["goals"]
     if g:
         lines += [f"Goals: {sum(x['met'] for x in g)} of {len(g)} met.", "",

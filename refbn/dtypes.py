@@ -48,9 +48,9 @@ def machine_epsilon(dtype):
 def store(dst, src):
     """Write float64 values into ``dst`` (any supported dtype), rounded once to nearest-even.
 
-    numpy rounds float64 to float32 and float16 directly, but ml_dtypes converts
-    float64 to bfloat16 through float32, rounding twice: 1 + 2**-8 + 2**-30 becomes
-    1 instead of 1 + 2**-7.  For bfloat16 the intermediate float32 is therefore
+    numpy rounds float64 to float32 and float16 directly, but ml_dtypes before 0.7
+    converts float64 to bfloat16 through float32, rounding twice: 1 + 2**-8 + 2**-30
+    becomes 1 instead of 1 + 2**-7 (0.7 rounds once).  refbn does not rely on either.  For bfloat16 the intermediate float32 is therefore
     rounded to odd (truncate toward zero, then set the last bit when inexact),
     which makes the second rounding exact (float32 keeps 16 more bits than
     bfloat16, far more than the 2 that round-to-odd needs).

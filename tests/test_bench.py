@@ -103,6 +103,33 @@ def test_bad_arguments_exit_with_a_message(capsys):
     assert "neither a shape list" in capsys.readouterr().out
 
 
+def test_tf_kernels_are_planned_from_what_tf_reports():
+    """The kernel TF reports in this process is timed here; every other wanted one in a worker."""
+    from refbn.bench import cli as bench_cli
+    assert bench_cli.plan_tf(["onednn", "eigen"], "onednn") == (True, ["eigen"])
+    assert bench_cli.plan_tf(["onednn", "eigen"], "eigen") == (True, ["onednn"])   # a CPU whose default is Eigen
+    assert bench_cli.plan_tf(["onednn"], "eigen") == (False, ["onednn"])
+    assert bench_cli.plan_tf(["eigen"], None) == (False, ["eigen"])
+    assert bench_cli._parse_list("numba,tf", bench_cli.CONTENDERS, "--contenders", bench_cli.ALIASES) == \
+        ["numba", "tf_onednn", "tf_eigen"]
+
+
+def _check_tf_rows(res):
+    """Both TF kernels have validated, timed rows, each named by the kernel TF reported."""
+    m = res["machine"]
+    reported = {m["tf"]["kernel"]} if m["tf"].get("process") == "this" else set()
+    reported |= {info["kernel"] for info in m["tf_workers"].values()}
+    assert set(m["tf_workers"]) == {info["kernel"] for info in m["tf_workers"].values()}
+    assert reported == {"onednn", "eigen"}, (m, res["notes"])
+    for rec in res["records"]:
+        for kernel in ("onednn", "eigen"):
+            tf = rec["contenders"][f"tf_{kernel}"]
+            assert tf["refused"] is None and tf["times_ms"] and all(k["passed"] for k in tf["checks"])
+            assert tf["process"] == ("worker" if kernel in m["tf_workers"] else "this")
+            assert f"x_tf_{kernel}" in rec["contenders"]["numba"]
+    return m
+
+
 @pytest.mark.tf
 def test_tf_contender_is_validated_and_timed(tmp_path):
     pytest.importorskip("tensorflow")
@@ -110,8 +137,23 @@ def test_tf_contender_is_validated_and_timed(tmp_path):
     rc = cli.main(["bench", "--shapes", "4x8x8x16,64x32", "--contenders", "numba,tf", "--repeats", "1",
                    "--warmup", "0", "--cache", "warm", "--gap-ms", "0", "--json", str(out)])
     assert rc == 0
-    res = json.loads(out.read_text())
-    for rec in res["records"]:
-        tf = rec["contenders"]["tf_onednn"]
-        assert tf["refused"] is None and tf["times_ms"] and all(k["passed"] for k in tf["checks"])
-        assert "x_tf_onednn" in rec["contenders"]["numba"]
+    _check_tf_rows(json.loads(out.read_text()))
+
+
+@pytest.mark.tf
+def test_tf_onednn_is_forced_where_tf_defaults_to_eigen(tmp_path):
+    """A CPU without AVX-512, where TF 2.21 runs Eigen by default, is what TF_ENABLE_ONEDNN_OPTS=0
+    makes of this one: bench must still time oneDNN (forced in a worker) and label both rows."""
+    pytest.importorskip("tensorflow")
+    import os
+    import subprocess
+    import sys
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0")
+    r = subprocess.run([sys.executable, "-m", "refbn.cli", "bench", "--shapes", "4x8x8x16", "--ops", "train",
+                        "--contenders", "numba,tf", "--repeats", "1", "--warmup", "0", "--cache", "warm",
+                        "--gap-ms", "0", "--json", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    m = _check_tf_rows(json.loads(out.read_text()))
+    assert m["tf"]["kernel"] == "eigen" and list(m["tf_workers"]) == ["onednn"]
+    assert "TF Eigen in this process, TF oneDNN in a worker" in " ".join(r.stdout.split())

@@ -1,10 +1,13 @@
-"""``python -m refbn.bench.eigen_worker REQUEST.json RESULT.json``: TF's Eigen kernels.
+"""``python -m refbn.bench.tf_worker REQUEST.json RESULT.json``: one TF CPU kernel family.
 
-Started by ``refbn bench`` with ``TF_ENABLE_ONEDNN_OPTS=0`` (TF reads it at
-import, so the Eigen kernels need their own process).  It rebuilds the same
-inputs (same seed), validates TF Eigen against the float64 truth, and times
-it alternating with the memory floors of this process.  One line per
-finished group goes to stdout (progress); the records go to RESULT.json.
+``refbn bench`` starts one worker per TF kernel it cannot run in its own
+process, with ``TF_ENABLE_ONEDNN_OPTS`` set for that kernel (``1``: oneDNN,
+``0``: Eigen; TF reads it once, at import, so each family needs its own
+process).  The worker asks TF which kernel it really runs and reports that,
+rebuilds the same inputs (same seed), validates TF against the float64
+truth, and times it alternating with the memory floors of this process.  One
+line per finished group goes to stdout (progress); the records go to
+RESULT.json.
 """
 import json
 import sys
@@ -24,7 +27,7 @@ def main(argv=None):
     if req.get("threads"):
         numba.set_num_threads(int(req["threads"]))
     tf_bench.configure_threads(req.get("threads"))
-    kernel = tf_bench.info()["kernel"]
+    kernel = tf_bench.info()["kernel"]        # what TF reports, whatever was asked for
     flush = floors.Flusher(req["cache"] == "cold")
     records = []
     for text in req["shapes"]:
