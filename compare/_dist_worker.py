@@ -103,11 +103,16 @@ def _recalibrate_check(strategy, tf, keras, np, dist):
         data = x if kind == "arrays" else tf.data.Dataset.from_tensor_slices(x).batch(16)
         for how in ("strategy", "one_shard"):
             model = dist.recalibrate_model(keras)
-            if how == "strategy":
-                res = refbn.keras.recalibrate(model, data, strategy=strategy, batch_size=16)
-            else:
-                res = refbn.keras.recalibrate(model, shards=[x], batch_size=16)
+            with dist.recording_layer_inputs() as seen:
+                if how == "strategy":
+                    res = refbn.keras.recalibrate(model, data, strategy=strategy, batch_size=16)
+                else:
+                    res = refbn.keras.recalibrate(model, shards=[x], batch_size=16)
             for i, layer in enumerate(res.layers):
+                # what TF fed this layer in this process (this worker's part under multiworker)
+                channels = int(layer.mean.shape[0])
+                out[f"{kind}_{how}_inputs_{i}"] = (np.concatenate([a.reshape(-1, channels) for a in seen[i]])
+                                                   if seen[i] else np.zeros((0, channels), np.float32))
                 out[f"{kind}_{how}_mean_{i}"] = layer.mean
                 out[f"{kind}_{how}_variance_{i}"] = layer.variance
                 out[f"{kind}_{how}_count_{i}"] = np.array(layer.moments.count)

@@ -16,7 +16,9 @@ from the exact one.
     python -m refbn.compare.distributed            # or: refbn verify --distributed
 """
 import argparse
+import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -107,6 +109,59 @@ def recalibrate_model(keras):
     h = keras.layers.Dense(5)(h)
     h = keras.layers.BatchNormalization()(h)
     return keras.Model(inp, h)
+
+
+@contextlib.contextmanager
+def recording_layer_inputs():
+    """Record every array the sharded recalibration reduces, per recalibrated layer.
+
+    Yields a list that gets one list of arrays per layer, in the order the layers are
+    recalibrated: the float32 inputs TF actually fed that layer, batch by batch.  They are the
+    truth the merged statistics are judged by (:func:`exact_moments`): a downstream layer's
+    input is TF's float32 output of the layers before it, and that depends on how the data are
+    batched.  TF's Eigen matmul (the default on CPUs without AVX-512) takes a GEMV path for a
+    one-row batch and rounds differently from its GEMM (measured: 94 of 101 Dense rows differ
+    by an ulp), while oneDNN's sgemm does not; so "the same data in one shard" is not the same
+    float32 input to layer 1 under every kernel, but each run's own inputs are.
+    """
+    import threading
+
+    from refbn.keras import sharded
+
+    layers, lock = [], threading.Lock()
+    current = []
+    original_moments, original_to_numpy = sharded._layer_moments, sharded.cap.to_numpy
+
+    def layer_moments(*args, **kwargs):
+        current[:] = [[]]
+        try:
+            return original_moments(*args, **kwargs)
+        finally:
+            layers.append(current[0])
+            current[:] = []
+
+    def to_numpy(t):
+        a = original_to_numpy(t)
+        if current:
+            with lock:
+                current[0].append(np.array(a, copy=True))
+        return a
+
+    sharded._layer_moments, sharded.cap.to_numpy = layer_moments, to_numpy
+    try:
+        yield layers
+    finally:
+        sharded._layer_moments, sharded.cap.to_numpy = original_moments, original_to_numpy
+
+
+def exact_moments(arrays, channels):
+    """Per-channel mean and biased variance of float32 arrays (channels last), in float64 with
+    exactly rounded sums (math.fsum): independent of refbn's Moments and merges."""
+    a = np.concatenate([np.asarray(x, np.float64).reshape(-1, channels) for x in arrays])
+    n = a.shape[0]
+    mean = np.array([math.fsum(col) for col in a.T]) / n
+    var = np.array([math.fsum(col) for col in ((a - mean) ** 2).T]) / n
+    return n, mean, var
 
 
 def load_recalibration(outdir, engine, replicas):

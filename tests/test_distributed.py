@@ -95,12 +95,25 @@ def test_workers_time_out_and_are_cleaned_up(tmp_path):
     _assert_gone(pids)
 
 
+def _assert_exact_for_inputs(mean, variance, count, inputs, what):
+    """The merged statistics of a layer equal the exact (math.fsum) statistics of the float32
+    inputs TF fed it: the merge is judged against what the layer saw, not against another run,
+    whose float32 activations may differ (see dist.recording_layer_inputs)."""
+    n, m, v = dist.exact_moments(inputs, mean.shape[0])
+    assert int(count) == n, f"{what}: count {int(count)} != {n} values recorded"
+    std = float(np.sqrt(v.max()))
+    assert_close(mean, m, "mean", np.float64, "merge", scale=std)
+    assert_close(variance, v, "variance", np.float64, "merge",
+                 scale=float((np.sqrt(v) * np.maximum(np.abs(m), np.sqrt(v))).max()))
+
+
 @pytest.mark.parametrize("engine,replicas", [("mirrored", 2), ("mirrored", 4), ("multiworker", 2)])
 def test_recalibrate_with_a_strategy_is_exact(tf_outdir, engine, replicas):
     """refbn.keras.recalibrate(model, data, strategy=...): each replica reduces its part of the
     data (arrays: contiguous rows; tf.data: Dataset.shard) and the parts merge exactly."""
     runs = dist.load_recalibration(tf_outdir, engine, replicas)
-    exact = Moments.from_array(dist.recalibrate_data())
+    x = dist.recalibrate_data()
+    exact = Moments.from_array(x)
     std = float(exact.std.max())
     for run in runs:
         for kind in ("arrays", "dataset"):
@@ -110,16 +123,33 @@ def test_recalibrate_with_a_strategy_is_exact(tf_outdir, engine, replicas):
             assert_close(run[f"{s}_mean_0"], exact.mean, "mean", np.float64, "merge", scale=std)
             assert_close(run[f"{s}_variance_0"], exact.variance, "variance", np.float64, "merge",
                          scale=float((exact.std * np.maximum(np.abs(exact.mean), exact.std)).max()))
-            for i in (0, 1):  # every layer: as the same data in one shard, without a strategy
-                one = f"{kind}_one_shard"
-                assert int(run[f"{s}_count_{i}"]) == int(run[f"{one}_count_{i}"])
-                v = run[f"{one}_variance_{i}"]
-                assert_close(run[f"{s}_mean_{i}"], run[f"{one}_mean_{i}"], "mean", np.float64, "merge",
-                             scale=float(np.sqrt(v.max())))
-                assert_close(run[f"{s}_variance_{i}"], v, "variance", np.float64, "merge")
+            for how in ("strategy", "one_shard"):
+                k = f"{kind}_{how}"
+                # what every replica of every worker fed layer 0 is the data, each row once
+                seen0 = np.concatenate([r[f"{k}_inputs_0"] for r in runs])
+                assert np.array_equal(np.sort(seen0, axis=0), np.sort(np.tile(x, (1 if how == "strategy" else
+                                                                                  len(runs), 1)), axis=0))
+                for i in (0, 1):  # every layer: exact for the inputs it was fed, over all workers
+                    inputs = [r[f"{k}_inputs_{i}"] for r in runs] if how == "strategy" else [run[f"{k}_inputs_{i}"]]
+                    _assert_exact_for_inputs(run[f"{k}_mean_{i}"], run[f"{k}_variance_{i}"],
+                                             run[f"{k}_count_{i}"], inputs, f"{engine}{replicas} {k} layer {i}")
+                assert int(run[f"{s}_count_1"]) == int(run[f"{kind}_one_shard_count_1"])
     if engine == "multiworker":  # every worker merged the same rows in the same order
         for k in runs[0]:
-            assert np.array_equal(runs[0][k], runs[1][k]), k
+            if "_inputs_" not in k:   # each worker fed its own part
+                assert np.array_equal(runs[0][k], runs[1][k]), k
+
+
+def test_recording_sees_what_the_merge_sees_and_can_fail():
+    """The oracle of the recalibration checks is not a tautology: a shifted merge misses it."""
+    x = dist.recalibrate_data()
+    n, m, v = dist.exact_moments([x[:40], x[40:]], 6)
+    assert n == 101
+    assert_close(m, x.astype(np.float64).mean(0), "mean", np.float64, "merge", scale=float(np.sqrt(v.max())))
+    with pytest.raises(AssertionError, match="mean"):
+        _assert_exact_for_inputs(m + 1e-9, v, n, [x], "shifted")
+    with pytest.raises(AssertionError, match="count"):
+        _assert_exact_for_inputs(m, v, n - 1, [x], "short")
 
 
 # -- recalibrate with shards= (in this process) ---------------------------------------------------
@@ -137,10 +167,15 @@ def _recal(keras, **kw):
 
 
 def test_recalibrate_shards_equal_the_whole_data_set(keras_mod):
+    """Shards merge exactly.  Layer 0 sees the data in both runs, so both equal the data's exact
+    statistics; layer 1 sees TF's float32 Dense outputs, which depend on the batching under
+    Eigen's matmul (a 1-row batch takes its GEMV path), so each run is judged against the
+    exact statistics of the inputs it recorded (dist.recording_layer_inputs)."""
     import tensorflow as tf
 
     x = dist.recalibrate_data()
-    _, whole = _recal(keras_mod, shards=[x])
+    with dist.recording_layer_inputs() as seen_whole:
+        _, whole = _recal(keras_mod, shards=[x])
     parts = [x[:7], x[7:60], x[60:]]
     loads = []
 
@@ -151,13 +186,18 @@ def test_recalibrate_shards_equal_the_whole_data_set(keras_mod):
     shards = [(parts[0], np.zeros(7)),  # (x, y) as for fit: y is ignored
               load,                     # loaded again for every layer, never kept
               tf.data.Dataset.from_tensor_slices(parts[2]).batch(5)]
-    _, res = _recal(keras_mod, shards=shards, workers=3)
+    with dist.recording_layer_inputs() as seen:
+        _, res = _recal(keras_mod, shards=shards, workers=3)
     assert len(loads) == 2  # once per layer (the call order came from shard 0's first batch)
-    for a, b in zip(whole.layers, res.layers):
+    assert len(seen) == len(seen_whole) == len(res.layers) == 2
+    for i, (a, b) in enumerate(zip(whole.layers, res.layers)):
         assert a.moments.count == b.moments.count == 101
-        assert_close(b.mean, a.mean, "mean", np.float64, "merge", scale=float(np.sqrt(a.variance.max())))
-        assert_close(b.variance, a.variance, "variance", np.float64, "merge")
+        for r, inputs in ((a, seen_whole[i]), (b, seen[i])):
+            _assert_exact_for_inputs(r.mean, r.variance, r.moments.count, inputs, f"layer {i}")
         assert np.array_equal(b.layer.moving_variance.numpy(), b.variance.astype(np.float32))
+    exact = Moments.from_array(x)   # layer 0: both runs are the data's own statistics
+    for r in (whole.layers[0], res.layers[0]):
+        assert_close(r.mean, exact.mean, "mean", np.float64, "merge", scale=float(exact.std.max()))
     _, serial = _recal(keras_mod, shards=shards, workers=1)
     for a, b in zip(serial.layers, res.layers):  # the merge order is fixed: threads change nothing
         assert np.array_equal(a.mean, b.mean) and np.array_equal(a.variance, b.variance)
