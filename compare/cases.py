@@ -190,7 +190,7 @@ def parse(text):
     for tok in fields[1:]:
         low = tok.lower()
         if low in DTYPES or low in ("float16", "bfloat16", "float32", "half"):
-            kw["dtype"] = dtypes.short_name(dtypes.parse(low))
+            kw["dtype"] = dtypes.short_name(low)
         elif low in ("f64", "float64"):
             raise DescriptorError(f"dtype {tok!r}: TensorFlow refuses float64 x; use f16, bf16 or f32")
         elif tok.upper() in LAYOUTS:

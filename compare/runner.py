@@ -15,7 +15,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-import ml_dtypes
 import numpy as np
 
 import refbn
@@ -87,7 +86,7 @@ class TFWorker:
             arrays = {}
             for k in z.files:
                 if k.endswith("@bf16"):
-                    arrays[k[:-5]] = z[k].view(ml_dtypes.bfloat16)
+                    arrays[k[:-5]] = z[k].view(dtypes.bfloat16)
                 else:
                     arrays[k] = z[k]
         os.unlink(msg["path"])

@@ -1,8 +1,18 @@
 """The ``refbn`` command line.
 
 Each subcommand lives in its own module with ``configure(parser)`` and
-``main(args) -> exit code``; modules load only when their subcommand runs,
-so ``refbn trace`` never imports TensorFlow.
+``main(args) -> exit code``; only the chosen subcommand's module is loaded
+(``refbn --help`` lists them all from SUBCOMMANDS without loading any), so
+``refbn trace`` never imports TensorFlow.  No subcommand module imports
+TensorFlow, Keras, torch or jax at import or ``configure`` time: those load in
+``main(args)``, after the arguments and input files are checked, so ``--help``
+and usage errors are answered at once.
+
+Exit status: 0 on success; 1 when the subcommand found a problem (a FAILed
+check, an unhealthy model); 2 for a usage error -- argparse's (usage and the
+error on stderr), a subcommand's bad argument or missing file (``refbn NAME:
+error: ...`` on stderr), or a bare ``refbn`` (the help, on stderr).
+``refbn --help`` and ``refbn NAME --help`` print to stdout and exit 0.
 """
 import argparse
 import importlib
@@ -32,7 +42,8 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = argv[0] if argv and argv[0] in SUBCOMMANDS else None
     for name, (_, help_) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
+        # argparse %-formats help strings (description only for %(prog)): escape '%'
+        p = sub.add_parser(name, help=help_.replace("%", "%%"), description=help_)
         if name == wanted:
             module = _load(name)
             if module is None:
@@ -41,7 +52,7 @@ def main(argv=None):
             p.set_defaults(_module=module)
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
-        parser.print_help()
+        parser.print_help(sys.stderr)
         return 2
     return int(args._module.main(args) or 0)
 

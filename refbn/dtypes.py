@@ -4,35 +4,53 @@ x may be float16, bfloat16 (ml_dtypes), float32 or float64.  Statistics are
 float32 for every x dtype except float64 (TF computes them in float32 for
 half-precision inputs; TF refuses float64 x, refbn keeps it as float64).
 """
-import ml_dtypes
 import numpy as np
 
-bfloat16 = np.dtype(ml_dtypes.bfloat16)
 float16 = np.dtype(np.float16)
 float32 = np.dtype(np.float32)
 float64 = np.dtype(np.float64)
 
-SUPPORTED = (float16, bfloat16, float32, float64)
 SUPPORTED_NAMES = "float16, bfloat16, float32 or float64"
+_SHORT = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "float64": "f64"}
+_BY_NAME = {"f16": "float16", "float16": "float16", "half": "float16", "bf16": "bfloat16",
+            "bfloat16": "bfloat16", "f32": "float32", "float32": "float32", "f64": "float64",
+            "float64": "float64"}
 
-_BY_NAME = {"f16": float16, "float16": float16, "half": float16,
-            "bf16": bfloat16, "bfloat16": bfloat16,
-            "f32": float32, "float32": float32,
-            "f64": float64, "float64": float64}
+
+def __getattr__(name):
+    """``bfloat16`` and ``SUPPORTED`` load ml_dtypes on first use (it costs ~1 s to import, and
+    ``import refbn`` should not pay for it: an array that is bfloat16 already loaded it)."""
+    if name == "bfloat16":
+        import ml_dtypes
+        globals()["bfloat16"] = np.dtype(ml_dtypes.bfloat16)
+        return globals()["bfloat16"]
+    if name == "SUPPORTED":
+        return (float16, __getattr__("bfloat16"), float32, float64)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def is_supported(dtype):
+    """Whether x may have this dtype (checked by name: no ml_dtypes import for the common case)."""
+    dtype = np.dtype(dtype)
+    return dtype.name in _SHORT and (dtype.name != "bfloat16" or dtype.type.__module__.startswith("ml_dtypes"))
 
 
 def parse(name):
     """A dtype from a short or long name (``f32``, ``bfloat16``) or a dtype."""
     if isinstance(name, str):
         try:
-            return _BY_NAME[name.lower()]
+            long = _BY_NAME[name.lower()]
         except KeyError:
             raise ValueError(f"dtype: expected one of {sorted(_BY_NAME)}, got {name!r}") from None
+        return __getattr__("bfloat16") if long == "bfloat16" else np.dtype(long)
     return np.dtype(name)
 
 
 def short_name(dtype):
-    return {float16: "f16", bfloat16: "bf16", float32: "f32", float64: "f64"}[np.dtype(dtype)]
+    """'f16', 'bf16', 'f32' or 'f64' for a dtype or any of its names."""
+    if isinstance(dtype, str) and dtype.lower() in _BY_NAME:
+        return _SHORT[_BY_NAME[dtype.lower()]]
+    return _SHORT[np.dtype(dtype).name]
 
 
 def stats_dtype(x_dtype):
@@ -42,7 +60,10 @@ def stats_dtype(x_dtype):
 
 def machine_epsilon(dtype):
     """Distance from 1.0 to the next representable number (2**-10 for float16, ...)."""
-    return float(ml_dtypes.finfo(np.dtype(dtype)).eps)
+    dtype = np.dtype(dtype)
+    if dtype.name == "bfloat16":
+        return 2.0 ** -7
+    return float(np.finfo(dtype).eps)
 
 
 def store(dst, src):
@@ -55,7 +76,7 @@ def store(dst, src):
     which makes the second rounding exact (float32 keeps 16 more bits than
     bfloat16, far more than the 2 that round-to-odd needs).
     """
-    if dst.dtype != bfloat16:
+    if dst.dtype.name != "bfloat16":
         with np.errstate(over="ignore"):  # a float16 y may overflow to Inf, as TF's cast does
             dst[...] = src
         return dst
@@ -65,5 +86,5 @@ def store(dst, src):
         f = np.where(np.abs(f.astype(np.float64)) > np.abs(src), np.nextafter(f, np.float32(0)), f)
         inexact = (f.astype(np.float64) != src) & ~np.isnan(src)
         odd = (f.view(np.uint32) | inexact.astype(np.uint32)).view(np.float32)
-    dst[...] = odd.astype(bfloat16)
+    dst[...] = odd.astype(dst.dtype)
     return dst

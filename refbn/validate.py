@@ -19,7 +19,7 @@ def as_x(x, name="x"):
         a = np.asarray(x)
     except Exception as e:  # ragged lists and such
         raise TypeError(f"{name}: expected an array of floats, got {type(x).__name__} ({e})") from None
-    if a.dtype not in dtypes.SUPPORTED:
+    if not dtypes.is_supported(a.dtype):
         kind = {"i": "integer", "u": "unsigned integer", "b": "boolean", "c": "complex",
                 "O": "object", "U": "string", "S": "bytes"}.get(a.dtype.kind, a.dtype.name)
         raise TypeError(
@@ -38,7 +38,7 @@ def channel_vector(v, name, channels, dtype, allow_empty=False):
         a = np.asarray(v)
     except Exception as e:
         raise TypeError(f"{name}: expected a 1-D float array, got {type(v).__name__} ({e})") from None
-    if a.dtype.kind in "cOUSb" or (a.dtype.kind not in "fiu" and a.dtype != dtypes.bfloat16):
+    if a.dtype.kind in "cOUSb" or (a.dtype.kind not in "fiu" and not dtypes.is_supported(a.dtype)):
         raise TypeError(f"{name}: expected a real float array, got dtype {a.dtype.name}")
     if a.ndim != 1:
         raise ValueError(f"{name}: expected a 1-D array of {channels} values (one per channel), "

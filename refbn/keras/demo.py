@@ -16,16 +16,18 @@ same images puts them all in one class.  The demo then
 """
 import csv
 import os
+import sys
 import time
 
 import numpy as np
 
 from .. import equations as eq
 from ..layer import BatchNorm
-from . import capture as cap
-from ._backend import keras
-from .diagnose import accuracy
-from .recalibrate import Moments, average_of_batch_moments, debias, initial_values, recalibrate
+from .diagnose_cli import missing_dependency
+
+# Keras and TensorFlow take seconds to import: the functions that need them import them
+# (``from ._backend import keras``, the refbn.keras helpers), so ``refbn demo --help`` and
+# argument errors are answered without them.
 
 MODELS = ("resnet50", "tiny")
 
@@ -63,6 +65,7 @@ def make_data(images, classes, size, seed):
 
 
 def build_model(kind, size, classes):
+    from ._backend import keras
     if kind == "resnet50":
         return keras.applications.ResNet50(weights=None, input_shape=(size, size, 1), classes=classes)
     L = keras.layers
@@ -78,28 +81,38 @@ def build_model(kind, size, classes):
 
 
 def _compile(model, learning_rate, run_eagerly=False):
+    from ._backend import keras
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"], run_eagerly=run_eagerly)
 
 
-class StatRecorder(keras.callbacks.Callback):
-    """Channel-averaged moving statistics of every BN layer after each training step."""
+def stat_recorder(layers):
+    """A Keras callback recording the channel-averaged moving statistics of every BN layer in
+    ``layers`` after each training step (``.history``: one list of (mean, variance) per step,
+    the first before training)."""
+    from . import capture as cap
+    from ._backend import keras
 
-    def __init__(self, layers):
-        super().__init__()
-        self.layers = layers
-        self.history = [self._now()]
+    class StatRecorder(keras.callbacks.Callback):
+        def __init__(self, layers):
+            super().__init__()
+            self.layers = layers
+            self.history = [self._now()]
 
-    def _now(self):
-        return [(float(np.mean(cap.to_numpy(layer.moving_mean))), float(np.mean(cap.to_numpy(layer.moving_variance))))
-                for layer in self.layers]
+        def _now(self):
+            return [(float(np.mean(cap.to_numpy(layer.moving_mean))),
+                     float(np.mean(cap.to_numpy(layer.moving_variance)))) for layer in self.layers]
 
-    def on_train_batch_end(self, batch, logs=None):
-        self.history.append(self._now())
+        def on_train_batch_end(self, batch, logs=None):
+            self.history.append(self._now())
+
+    return StatRecorder(layers)
 
 
 def predict_accuracy(model, x, y, training=False, batch_size=None):
     """Accuracy of an eager forward pass (same arithmetic as predict); statistics preserved."""
+    from . import capture as cap
+    from .diagnose import accuracy
     batch_size = batch_size or len(x)
     with cap.preserved_statistics(model):
         pred = np.concatenate([cap.run(model, x[i:i + batch_size], training=training)
@@ -110,6 +123,8 @@ def predict_accuracy(model, x, y, training=False, batch_size=None):
 # -- layer-by-layer explanation -----------------------------------------------------------
 def explain_layers(model, layers, x, tolerance):
     """Per-layer rows computed with refbn's reference on the inputs the Keras layers received."""
+    from . import capture as cap
+    from .recalibrate import initial_values
     with cap.preserved_statistics(layers):
         _, train_io = cap.capture(model, x, layers, training=True, outputs=True)
     _, infer_io = cap.capture(model, x, layers, training=False, outputs=True)
@@ -157,6 +172,7 @@ def explain_layers(model, layers, x, tolerance):
 
 # -- plots ------------------------------------------------------------------------------
 def plot_moving(path, rows, layers, recorder, steps, tolerance):
+    from .recalibrate import initial_values
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -223,21 +239,34 @@ def plot_distortion(path, rows, tolerance_std=0.1):
 
 # -- main -------------------------------------------------------------------------------
 def _defaults(args):
+    """Fill in the model-dependent defaults; return an error message for a bad argument, else None."""
     tiny = args.model == "tiny"
-    args.size = args.size or (16 if tiny else 64)
+    args.size = args.size if args.size is not None else (16 if tiny else 64)
     args.epochs = args.epochs if args.epochs is not None else (10 if tiny else 5)
     args.extra_steps = args.extra_steps if args.extra_steps is not None else (90 if tiny else 45)
-    args.classes = args.classes or args.images
+    args.classes = args.classes if args.classes is not None else args.images
     args.lr = args.lr if args.lr is not None else (1e-2 if tiny else 1e-3)
-    for name in ("images", "size", "classes"):
+    for name in ("images", "size", "classes", "epochs"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"--{name}: expected a positive int, got {getattr(args, name)}")
-    if args.epochs < 1 or args.extra_steps < 0:
-        raise SystemExit("--epochs: expected >= 1 and --extra-steps >= 0")
+            return f"--{name}: expected a positive int, got {getattr(args, name)}"
+    if not tiny and args.size < 32:
+        return f"--size: keras.applications.ResNet50 needs images of at least 32x32, got {args.size}"
+    if args.extra_steps < 0:
+        return f"--extra-steps: expected a non-negative int, got {args.extra_steps}"
+    if not args.lr > 0:
+        return f"--lr: expected a positive learning rate, got {args.lr}"
     if not 0.0 <= args.low_momentum < 1.0:
-        raise SystemExit(f"--low-momentum: expected a value in [0, 1), got {args.low_momentum}")
+        return f"--low-momentum: expected a value in [0, 1), got {args.low_momentum}"
     if not 0.0 < args.tolerance < 1.0:
-        raise SystemExit(f"--tolerance: expected a value in (0, 1), got {args.tolerance}")
+        return f"--tolerance: expected a value in (0, 1), got {args.tolerance}"
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        return f"--out: {args.out} exists and is not a folder"
+    return missing_dependency(("matplotlib", "plot"))
+
+
+def _fail(msg):
+    print(f"refbn demo: error: {msg}", file=sys.stderr)
+    return 2
 
 
 def _console():
@@ -247,8 +276,17 @@ def _console():
 
 
 def main(args):
+    """Run the demo; 0 when done, 2 (before Keras is imported) for a bad argument."""
+    error = _defaults(args)
+    if error:
+        return _fail(error)
     from rich.table import Table
-    _defaults(args)
+
+    from . import capture as cap
+    from ._backend import keras
+    from .diagnose import accuracy
+    from .recalibrate import Moments, average_of_batch_moments, debias, recalibrate
+
     con = _console()
     say = con.print
     t_start = time.perf_counter()
@@ -266,7 +304,7 @@ def main(args):
 
     # 1. reproduce ------------------------------------------------------------------
     _compile(model, args.lr)
-    rec = StatRecorder(layers)
+    rec = stat_recorder(layers)
     t0 = time.perf_counter()
     hist = model.fit(x, y, epochs=args.epochs, batch_size=args.images, verbose=0, callbacks=[rec])
     t_fit = time.perf_counter() - t0

@@ -3,7 +3,11 @@
 Exit code: 0 when every layer is healthy, 1 when any is not, 2 on bad arguments or files.
 ``--json FILE`` (or ``-`` for stdout) writes the full report; ``--recalibrated OUT.keras`` also
 writes a copy of the model with exactly recalibrated statistics.
+
+Arguments and files are checked before Keras (and TensorFlow, seconds to import) is
+imported, so ``--help`` and mistakes are answered at once.
 """
+import importlib.util
 import json
 import os
 import sys
@@ -30,13 +34,47 @@ def _fail(msg):
     return 2
 
 
+def missing_dependency(*more):
+    """A message naming the first of Keras, its backend (KERAS_BACKEND, default tensorflow) and
+    ``more`` ((module, refbn extra) pairs) that is not installed, or None; nothing is imported."""
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    needed = [("keras", "tf")] + ([(backend, "tf")] if backend in ("tensorflow", "jax", "torch") else [])
+    for module, extra in needed + list(more):
+        if importlib.util.find_spec(module) is None:
+            return f"needs {module}, which is not installed (pip install 'refbn[{extra}]')"
+    return None
+
+
+def _check_args(args):
+    """An error message for the first bad argument or file, else None (cheap: no Keras)."""
+    for path, what in ((args.model, "MODEL"), (args.data, "DATA")):
+        if not os.path.exists(path):
+            return f"{what}: no such file: {path}"
+        if not os.path.isfile(path):
+            return f"{what}: not a file: {path}"
+    if args.batch_size < 1:
+        return f"--batch-size: expected a positive int, got {args.batch_size}"
+    if args.steps is not None and args.steps < 0:
+        return f"--steps: expected a non-negative int, got {args.steps}"
+    if not args.tolerance > 0:
+        return f"--tolerance: expected a positive number of standard deviations, got {args.tolerance}"
+    if not 0 < args.convergence < 1:
+        return f"--convergence: expected a weight in (0, 1), got {args.convergence}"
+    for option, path in (("--json", None if args.json == "-" else args.json), ("--recalibrated", args.recalibrated)):
+        if path:
+            folder = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(folder):
+                return f"{option}: no such folder: {folder}"
+    return missing_dependency()
+
+
 def main(args):
+    error = _check_args(args)
+    if error:
+        return _fail(error)
     import numpy as np
     from rich.console import Console
 
-    for path, what in ((args.model, "MODEL"), (args.data, "DATA")):
-        if not os.path.isfile(path):
-            return _fail(f"{what}: no such file: {path}")
     try:
         with np.load(args.data, allow_pickle=False) as npz:
             keys = list(npz.keys())
