@@ -6,11 +6,20 @@
     refbn verify resnet50 --backend numba --json out.json
     refbn verify --list | --divergences
     refbn verify --distributed                    # synchronized BN on tf.distribute
+    refbn verify --fast > verify.log              # piped: --format plain, nothing cut
+
+Output (--format): ``table`` (rich tables sized to the terminal; the default
+on a terminal), ``plain`` (one aligned record per check, nothing cut; the
+default when stdout is a file or a pipe), ``markdown`` or ``json`` (the
+``--json FILE`` payload on stdout; everything else goes to stderr).  Every run
+ends with one line that starts with ``OK:`` or ``FAIL:``.
 
 Exit status: 0 when no case FAILs, 1 otherwise, 2 for a usage error or when
 TensorFlow cannot be started.
 """
 import sys
+
+from rich.text import Text
 
 from refbn import __version__, backends
 
@@ -28,6 +37,10 @@ def configure(p):
     p.add_argument("--tf-kernel", default="both", choices=KERNELS + ("both",),
                    help="TF CPU kernel family: oneDNN (TF's default), Eigen (TF_ENABLE_ONEDNN_OPTS=0) or both")
     p.add_argument("--json", metavar="FILE", help="write every metric of every check to FILE")
+    p.add_argument("--format", choices=report.FORMATS, default=None,
+                   help="output: table (rich tables sized to the terminal), plain (aligned text records, "
+                        "nothing cut), markdown, or json (the --json payload on stdout); default: table "
+                        "when stdout is a terminal, plain otherwise")
     p.add_argument("--fast", action="store_true", help="leave out the slow cases (what CI runs)")
     p.add_argument("--seed", type=int, default=None, help="draw the data with this seed instead")
     p.add_argument("--detail", action="store_true", help="print every output's metrics for every case")
@@ -55,6 +68,16 @@ def select(names, fast=False, seed=None):
     return list(dict.fromkeys(out))
 
 
+def output_format(args):
+    """--format, or table when stdout is a terminal and plain otherwise."""
+    if getattr(args, "format", None):
+        return args.format
+    try:
+        return "table" if sys.stdout.isatty() else "plain"
+    except (AttributeError, ValueError):
+        return "plain"
+
+
 def main(args):
     con = report.console()
     if args.divergences:
@@ -73,19 +96,21 @@ def main(args):
             con.print(f"{c.descriptor():56s} {' '.join(sorted(c.tags))}", markup=False)
         con.print(f"{len(selected)} cases")
         return 0
+    fmt = output_format(args)
     kernels = KERNELS if args.tf_kernel == "both" else (args.tf_kernel,)
     names = backends.available() if args.backend == "all" else args.backend
     meta = {"refbn": __version__, "backend": args.backend, "tf_kernels": list(kernels),
             "cases": [c.descriptor() for c in selected]}
+    total = len(selected) * len(kernels) * (1 if isinstance(names, str) else len(names))
     results = []
     err = report.console(stderr=True)
+    text = err if fmt == "json" else con  # where everything but the JSON goes
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=err, transient=True) as prog:
-            n_backends = 1 if isinstance(names, str) else len(names)
-            task = prog.add_task("starting TensorFlow", total=len(selected) * len(kernels) * n_backends)
+            task = prog.add_task("starting TensorFlow", total=total)
 
             def started(hello):
                 meta["tf"] = hello
@@ -98,19 +123,32 @@ def main(args):
         hint = ("\nInstall it with: pip install -e \".[tf]\"  (tensorflow-cpu and keras)"
                 if not results else f"\n(after {len(results)} check(s); the last case sent may have crashed it)")
         err.print(f"refbn verify: TensorFlow failed: {e}{hint}", markup=False)
+        _abort(text, f"FAIL: TensorFlow failed after {len(results)} of {total} check(s); see the error above")
         return 2
     except ImportError as e:
         err.print(f"refbn verify: --backend {args.backend} is not available here: {e}", markup=False)
+        _abort(text, f"FAIL: --backend {args.backend} is not available here; nothing was verified")
         return 2
     if "tf" in meta:
         v = next(iter(meta["tf"].values())).get("tf_version", "?")
-        con.print(f"refbn {__version__} (backend {args.backend}) vs TensorFlow {v}: "
-                  f"{len(selected)} case(s), kernel(s) {', '.join(kernels)}")
-    report.print_report(con, results, detail=args.detail or len(results) <= 2)
+        text.print(Text(f"refbn {__version__} (backend {args.backend}) vs TensorFlow {v} "
+                        f"({'/'.join(kernels)}): {len(selected)} case(s)"))
+    if fmt == "json":
+        con.file.write(report.dumps(results, meta) + "\n")
+        con.file.flush()
+    else:
+        report.print_report(con, results, detail=args.detail or len(results) <= 2, fmt=fmt, final=False)
     if args.json:
         report.write_json(args.json, results, meta)
-        con.print(f"metrics written to {args.json}")
+        text.print(Text(f"metrics written to {args.json}"))
+    report.print_final(text, results, fmt, where=report.JSON_WHERE if fmt == "json" else "the repro lines above")
     return 1 if any(r.verdict == "FAIL" for r in results) else 0
+
+
+def _abort(console, line):
+    """The last line of a run that could not finish."""
+    console.print()
+    console.print(Text(line), soft_wrap=True)
 
 
 if __name__ == "__main__":  # python -m refbn.compare.cli

@@ -1,4 +1,4 @@
-"""``refbn verify``: exit codes, table, JSON and repro lines."""
+"""``refbn verify``: exit codes, report, JSON, repro lines and the final OK:/FAIL: line."""
 import json
 import os
 import subprocess
@@ -24,8 +24,10 @@ def test_verify_from_any_directory_writes_json(tmp_path):
                cwd=tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "refbn vs TensorFlow" in p.stdout and "4 checks" in p.stdout
+    # piped: plain records, and the last line says it all
+    assert p.stdout.strip().splitlines()[-1].startswith("OK: 4 checks, refbn within tolerance everywhere")
     data = json.loads(out.read_text())
-    assert data["summary"].get("FAIL", 0) == 0
+    assert data["summary"].get("FAIL", 0) == 0 and data["final"].startswith("OK: 4 checks")
     rows = data["results"]
     assert {(r["case"], r["kernel"]) for r in rows} == {
         (c, k) for c in ("n1d2h6w1c3:f32:NDHWC:train:eaf0.6", "n1c2h1w6:bf16:NCHW:infer")
@@ -59,3 +61,5 @@ def test_failure_exits_1_with_a_repro_line(monkeypatch, capsys):
     assert code == 1
     assert "FAIL" in out and "refbn vs TF: y (f32, tf_onednn)" in out
     assert "repro: refbn verify 'n1h1w6c2:f32:NHWC:train' --backend numpy --tf-kernel onednn" in out
+    assert "FAIL n1h1w6c2:f32:NHWC:train [onednn]" in out  # the kernel is not eaten as markup
+    assert out.strip().splitlines()[-1].startswith("FAIL: 1 of 1 check failed")
