@@ -8,7 +8,7 @@ on 127.0.0.1), with equal and unequal per-replica batches; see
 reads what TF computed and replays the same steps with refbn: per-replica
 :class:`refbn.stats.Moments` from a backend's kernel, the ``"keras_sync"``
 merge, then y, the moving averages and the gamma/beta gradients from
-:mod:`refbn.equations`.  Every TF output must match within the float32
+:mod:`refbn.reference`.  Every TF output must match within the float32
 tolerances of ``refbn/tolerances.py`` (context ``"distributed"``).  The table
 also shows how far TF's merged variance, and each framework's merge, are
 from the exact one.
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from refbn import backends, equations as eq, stats
+from refbn import reference as ref, stats
 from refbn.layout import Layout
 from refbn.testing import compare
 
@@ -306,31 +306,31 @@ def replay(case, xs_per_step, backend="numpy", method="keras_sync"):
     c = case.channels
     moving_mean, moving_var = np.zeros(c), np.ones(c)
     gamma, beta = np.ones(c), np.zeros(c)
-    kernel = backends.get(backend)
     out = []
     for xs in xs_per_step:
         shards = [stats.Moments.from_array(x, data_format=DATA_FORMAT, backend=backend) for x in xs]
         merges = {m: stats.merge(shards, m, dtype="float32", epsilon=EPSILON) for m in stats.METHODS}
         k = merges[method]
         mean, var = k.mean, k.variance
-        istd = eq.inv_std(var, EPSILON)
-        coef = eq.y_coefficient(gamma, istd)
+        istd = ref.inv_std(var, EPSILON)
+        coef = ref.y_coefficient(gamma, istd)
         ys, sum_dy, sum_dy_xc = [], np.zeros(c), np.zeros(c)
         for x in xs:
             layout = Layout.from_data_format(x.shape, DATA_FORMAT)
-            ys.append(eq.batch_norm(x.astype(np.float64) - layout.broadcastable(mean),
-                                    layout.broadcastable(coef), layout.broadcastable(beta)))
+            ys.append(ref.batch_norm(x.astype(np.float64), layout.broadcastable(mean),
+                                     layout.broadcastable(coef), layout.broadcastable(beta)))
             if layout.count:
                 dy = np.sin(x.astype(np.float64)).astype(x.dtype)  # TF: tf.sin(x) in float32
-                sd, sdx = kernel.grad_sums(layout.to3(dy), layout.to3(x), mean)
-                sum_dy, sum_dy_xc = sum_dy + sd, sum_dy_xc + sdx
+                dy64, xc = dy.astype(np.float64), x.astype(np.float64) - layout.broadcastable(mean)
+                axes = layout.reduction_axes
+                sum_dy, sum_dy_xc = sum_dy + dy64.sum(axis=axes), sum_dy_xc + (dy64 * xc).sum(axis=axes)
         n = sum(s.count for s in shards)
-        coefs = eq.backward_coefficients(sum_dy, sum_dy_xc, n, gamma, istd, True)
+        *_, dgamma, dbeta = ref.backward_coefficients(sum_dy, sum_dy_xc, n, gamma, istd, True)
         decay = 1.0 - MOMENTUM
-        moving_mean = _f32(eq.moving_average(moving_mean, mean, decay))
-        moving_var = _f32(eq.moving_average(moving_var, var, decay))
-        new_gamma = _f32(gamma - LEARNING_RATE * coefs.dgamma)
-        new_beta = _f32(beta - LEARNING_RATE * coefs.dbeta)
+        moving_mean = _f32(ref.moving_average(moving_mean, mean, decay))
+        moving_var = _f32(ref.moving_average(moving_var, var, decay))
+        new_gamma = _f32(gamma - LEARNING_RATE * dgamma)
+        new_beta = _f32(beta - LEARNING_RATE * dbeta)
         exact = merges["exact"].reference
         out.append(StepReplay([s.count for s in shards], k, merges, ys, moving_mean, moving_var,
                               new_gamma, new_beta, exact.variance + exact.mean ** 2))

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from refbn import dtypes, equations as eq
+from refbn import dtypes, reference as ref
 from refbn.layout import Layout
 from refbn.testing import compare
 from refbn.tolerances import TOLERANCES, tolerance
@@ -84,8 +84,8 @@ def scales(case, x64, dy64, scale_param, grad_mean, grad_var, truth):
     """The error scale of every output of an op case (see the module docstring)."""
     layout = Layout.from_axis(x64.shape, case.channel_axis)
     out = {}
-    inv_std = eq.inv_std(np.asarray(grad_var, np.float64), case.eps)
-    a = np.abs(eq.y_coefficient(np.asarray(scale_param, np.float64), inv_std))
+    inv_std = ref.inv_std(np.asarray(grad_var, np.float64), case.eps)
+    a = np.abs(ref.y_coefficient(np.asarray(scale_param, np.float64), inv_std))
     if case.is_training:
         mean_abs = _per_channel(x64, layout, lambda a: np.abs(a).mean(axis=(0, 2)))
         out["batch_mean"] = out["reserve_space_1"] = _rms(mean_abs)
@@ -93,8 +93,7 @@ def scales(case, x64, dy64, scale_param, grad_mean, grad_var, truth):
         # condition), which y carries times a; judged against |a| * mean(|x|) (rms over channels)
         out["y"] = _rms(a * mean_abs)
     out["x_backprop"] = _rms(a) * _rms(dy64)
-    xhat = eq.normalize(layout.to3(x64) - np.asarray(grad_mean, np.float64)[None, :, None],
-                        inv_std[None, :, None])
+    xhat = (layout.to3(x64) - np.asarray(grad_mean, np.float64)[None, :, None]) * inv_std[None, :, None]
     dy3 = layout.to3(dy64)
     out["scale_backprop"] = _rms(np.abs(dy3 * xhat).sum(axis=(0, 2))) if dy3.size else 0.0
     out["offset_backprop"] = _rms(np.abs(dy3).sum(axis=(0, 2))) if dy3.size else 0.0

@@ -374,7 +374,7 @@ def _convention_gap_fact(res, side, tf_arrays):
     ok = err <= allowed
     res.facts.append(
         f"convention gap: tf-keras fused (Bessel-corrected) minus Keras 3 (biased) moving variance "
-        f"= up to {rel:.3g} relative after {res.case.steps} steps; predicted by refbn's equations "
+        f"= up to {rel:.3g} relative after {res.case.steps} steps; predicted by refbn.reference "
         f"to within {err:.2g} (allowed {allowed:.2g}) -> {'as documented' if ok else 'NOT as documented'}")
     if not ok:
         res.failures.append("the Keras 3 vs tf-keras fused moving-variance gap differs from the "

@@ -7,7 +7,7 @@
 
 TensorFlow is never imported here (only in refbn.compare and the Keras tools).
 """
-from . import equations, layout, raw_ops
+from . import layout, raw_ops, reference
 from .layer import BatchNorm, check_finite
 from .nn import fused_batch_norm
 from .trace import Trace
@@ -21,5 +21,5 @@ def trace(fn, *args, **kwargs):
     return result[-1]
 
 
-__all__ = ["raw_ops", "fused_batch_norm", "BatchNorm", "Trace", "trace", "check_finite", "equations",
+__all__ = ["raw_ops", "fused_batch_norm", "BatchNorm", "Trace", "trace", "check_finite", "reference",
            "layout"]

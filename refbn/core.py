@@ -1,13 +1,16 @@
-"""Orchestration shared by every entry point and backend.
+"""The one orchestration every entry point goes through (raw_ops, nn, BatchNorm, stats).
 
-validate -> canonical 3-D view -> backend reductions -> equations ->
-backend elementwise pass -> outputs, recording the trace on the way.
-The per-channel quantities are float64 here; outputs are cast once.
+    validated arguments -> canonical 3-D view (refbn.layout) -> the backend's whole op
+    -> outputs;  with trace=True, refbn.reference's float64 intermediates are recorded
+    beside the backend's outputs
+
+A backend runs whole ops (see :mod:`refbn.backends`): the same code computes the outputs
+whether or not a trace is recorded, so ``trace=True`` and ``trace=False`` give bit-identical
+outputs on every backend.  The per-channel statistics are float64 here; outputs are cast once.
 """
 import numpy as np
 
-from . import backends, dtypes, equations as eq, validate
-from .layout import Layout
+from . import backends, dtypes, reference as ref, validate
 from .trace import Trace
 
 TRAIN_STEP = "_fused_batch_norm_training"
@@ -24,123 +27,114 @@ def _out3(out, layout, dtype, name="out"):
     return None if out is None else out.reshape(layout.shape3)
 
 
-def _xc(x3, mean, layout):
-    return layout.from3(_f64(x3) - mean[None, :, None])
-
-
-def _one_call(kernel, op, trace, *args):
-    """The backend's one-call form of ``op`` (see refbn.backends), when it has one and no trace
-    is recorded; None means: compose the four functions here."""
-    fn = getattr(kernel, op, None)
-    return None if fn is None or trace is not None else fn(*args)
-
-
 def forward_training(x, layout, scale, offset, epsilon, kernel, out=None, trace=None):
     """Batch statistics and y; returns (y, mean, biased_variance) with float64 statistics."""
-    x3 = layout.to3(x)
-    out3 = _out3(out, layout, x.dtype)
-    done = _one_call(kernel, "forward_training", trace, x3, scale, offset, epsilon, out3)
-    if done is not None:
-        y3, mean, var = done
-    else:
-        mean, var = kernel.moments(x3)
-        istd = eq.inv_std(var, epsilon)
-        y3 = kernel.scale_shift(x3, mean, eq.y_coefficient(scale, istd), offset, out3)
+    y3, mean, var = kernel.forward_training(layout.to3(x), scale, offset, epsilon, _out3(out, layout, x.dtype))
     y = layout.from3(y3)
     if trace is not None:
-        n = layout.count
-        xc = _xc(x3, mean, layout)
-        bessel = eq.bessel_factor(n)
-        t, s = trace.record, TRAIN_STEP
-        t("x", x, s, "the input batch")
-        t("reduction_axes", layout.reduction_axes, s, "every axis except the channel axis")
-        t("n", n, s, "values per channel = product of the reduced dimensions")
-        t("batch_mean", mean, s, "mean[c] = sum(x[..., c]) / n")
-        t("x_centered", xc, s, "x - mean")
-        t("biased_variance", var, s, "var[c] = sum((x - mean)^2) / n   (y uses this one)")
-        t("bessel_factor", bessel, s, "n / max(n - 1, 1)")
-        t("unbiased_variance", var * bessel, s, "var * bessel_factor   (TF's batch_variance output)")
-        t("epsilon", epsilon, s, "added to the variance before the square root")
-        t("inv_std", istd, s, "1 / sqrt(var + epsilon)")
-        t("x_hat", eq.normalize(xc, layout.broadcastable(istd)), s, "(x - mean) * inv_std")
-        t("scale", scale, s, "gamma")
-        t("offset", offset, s, "beta")
-        t("y", y, s, "x_hat * scale + offset")
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            _trace_training(trace, x, layout, scale, offset, epsilon, y)
     return y, mean, var
 
 
 def forward_inference(x, layout, scale, offset, mean, variance, epsilon, kernel, out=None, trace=None):
     """y from given (moving) statistics; mean and variance are float64 vectors."""
-    x3 = layout.to3(x)
-    out3 = _out3(out, layout, x.dtype)
-    y3 = _one_call(kernel, "forward_inference", trace, x3, scale, offset, mean, variance, epsilon, out3)
-    if y3 is None:
-        istd = eq.inv_std(variance, epsilon)
-        y3 = kernel.scale_shift(x3, mean, eq.y_coefficient(scale, istd), offset, out3)
+    y3 = kernel.forward_inference(layout.to3(x), scale, offset, mean, variance, epsilon,
+                                  _out3(out, layout, x.dtype))
     y = layout.from3(y3)
     if trace is not None:
-        xc = _xc(x3, mean, layout)
-        t, s = trace.record, INFER_STEP
-        t("x", x, s, "the input batch")
-        t("moving_mean", mean, s, "the mean used (not computed from x)")
-        t("moving_variance", variance, s, "the variance used (not computed from x)")
-        t("epsilon", epsilon, s, "added to the variance before the square root")
-        t("x_centered", xc, s, "x - moving_mean")
-        t("inv_std", istd, s, "1 / sqrt(moving_variance + epsilon)")
-        t("x_hat", eq.normalize(xc, layout.broadcastable(istd)), s, "(x - moving_mean) * inv_std")
-        t("scale", scale, s, "gamma")
-        t("offset", offset, s, "beta")
-        t("y", y, s, "x_hat * scale + offset")
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            _trace_inference(trace, x, layout, scale, offset, mean, variance, epsilon, y)
     return y
 
 
+def backward(dy, x, layout, scale, mean, variance, epsilon, is_training, kernel, out=None, trace=None):
+    """dx, dscale, doffset (float64 vectors) for given statistics."""
+    dx3, dscale, doffset = kernel.backward(layout.to3(dy), layout.to3(x), scale, mean, variance, epsilon,
+                                           is_training, _out3(out, layout, x.dtype))
+    dx = layout.from3(dx3)
+    if trace is not None:
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            _trace_backward(trace, dy, x, layout, scale, mean, variance, epsilon, is_training, dx, dscale, doffset)
+    return dx, dscale, doffset
+
+
 def moving_update(name, variable, value, decay, trace=None, step=None):
-    """variable - (variable - value) * decay, recorded as Keras' _assign_moving_average."""
-    delta = eq.update_delta(variable, value, decay)
-    after = variable - delta
+    """The moving average (refbn.reference.moving_average), recorded as Keras'
+    _assign_moving_average."""
+    after = ref.moving_average(variable, value, decay)
     if trace is not None:
         s = step or name
         if "decay" not in trace:
             trace.record("decay", decay, s, "1 - momentum (TF: exponential_avg_factor)")
         trace.record(f"{name}_before", variable, s, f"{name} before the update")
         trace.record(f"{name}_value", value, s, "the batch statistic fed to the average")
-        trace.record(f"{name}_update_delta", delta, s, f"update_delta = ({name} - value) * decay")
-        trace.record(f"{name}_after", after, s, f"{name} -= update_delta")
+        trace.record(f"{name}_update_delta", variable - after, s,
+                     f"update_delta = ({name} - value) * decay (what Keras subtracts)")
+        trace.record(f"{name}_after", after, s, f"(1 - decay) * {name} + decay * value")
     return after
 
 
-def backward(dy, x, layout, scale, mean, variance, epsilon, is_training, kernel, out=None, trace=None):
-    """dx, dgamma, dbeta (float64 vectors) for given statistics."""
-    x3, dy3 = layout.to3(x), layout.to3(dy)
-    out3 = _out3(out, layout, x.dtype)
-    done = _one_call(kernel, "backward", trace, dy3, x3, scale, mean, variance, epsilon, is_training, out3)
-    if done is not None:
-        dx3, dgamma, dbeta = done
-        return layout.from3(dx3), dgamma, dbeta
-    n = layout.count
-    sum_dy, sum_dy_xc = kernel.grad_sums(dy3, x3, mean)
-    istd = eq.inv_std(variance, epsilon)
-    coefs = eq.backward_coefficients(sum_dy, sum_dy_xc, n, scale, istd, is_training)
-    dx = layout.from3(kernel.grad_apply(dy3, x3, mean, coefs, out3))
-    if trace is not None:
-        xc = _xc(x3, mean, layout)
-        bc = eq.BackwardCoefficients(*(layout.broadcastable(v) for v in coefs))
-        t_dy, t_mean, t_xhat = eq.backward_terms(_f64(dy), xc, bc)
-        t, s = trace.record, GRAD_STEP
-        mode = "training: statistics depend on x" if is_training else "inference: statistics are constants"
-        t("dy", dy, s, f"upstream gradient ({mode})")
-        t("inv_std", istd, s, "1 / sqrt(var + epsilon)")
-        t("sum_dy", sum_dy, s, "sum(dy) per channel")
-        t("sum_dy_x_hat", coefs.dgamma, s, "sum(dy * x_hat) per channel")
-        t("dx_term_dy", t_dy, s, "scale * inv_std * dy")
-        t("dx_term_mean_dy", t_mean, s,
-          "-scale * inv_std * mean(dy)" if is_training else "0 (no gradient through the mean)")
-        t("dx_term_x_hat", t_xhat, s, "-scale * inv_std * x_hat * mean(dy * x_hat)"
-          if is_training else "0 (no gradient through the variance)")
-        t("dx", dx, s, "sum of the three terms")
-        t("dgamma", coefs.dgamma, s, "sum(dy * x_hat)")
-        t("dbeta", coefs.dbeta, s, "sum(dy)")
-    return dx, coefs.dgamma, coefs.dbeta
+# -- the trace: refbn.reference's intermediates, beside the backend's outputs ------------------
+def _trace_training(tr, x, layout, scale, offset, epsilon, y):
+    axis, n = layout.axis, layout.count
+    mean, var = ref.moments(x, axis)
+    xc = _f64(x) - layout.broadcastable(mean)
+    istd = ref.inv_std(var, epsilon)
+    bessel = ref.bessel_factor(n)
+    t, s = tr.record, TRAIN_STEP
+    t("x", x, s, "the input batch")
+    t("reduction_axes", layout.reduction_axes, s, "every axis except the channel axis")
+    t("n", n, s, "values per channel = product of the reduced dimensions")
+    t("batch_mean", mean, s, "mean[c] = sum(x[..., c]) / n")
+    t("x_centered", xc, s, "x - mean")
+    t("biased_variance", var, s, "var[c] = sum((x - mean)^2) / n   (y uses this one)")
+    t("bessel_factor", bessel, s, "n / max(n - 1, 1)")
+    t("unbiased_variance", var * bessel, s, "var * bessel_factor   (TF's batch_variance output)")
+    t("epsilon", epsilon, s, "added to the variance before the square root")
+    t("inv_std", istd, s, "1 / sqrt(var + epsilon)")
+    t("x_hat", xc * layout.broadcastable(istd), s, "(x - mean) * inv_std")
+    t("scale", scale, s, "gamma")
+    t("offset", offset, s, "beta")
+    t("y", y, s, "x_hat * scale + offset   (the backend's output)")
+
+
+def _trace_inference(tr, x, layout, scale, offset, mean, variance, epsilon, y):
+    xc = _f64(x) - layout.broadcastable(mean)
+    istd = ref.inv_std(variance, epsilon)
+    t, s = tr.record, INFER_STEP
+    t("x", x, s, "the input batch")
+    t("moving_mean", mean, s, "the mean used (not computed from x)")
+    t("moving_variance", variance, s, "the variance used (not computed from x)")
+    t("epsilon", epsilon, s, "added to the variance before the square root")
+    t("x_centered", xc, s, "x - moving_mean")
+    t("inv_std", istd, s, "1 / sqrt(moving_variance + epsilon)")
+    t("x_hat", xc * layout.broadcastable(istd), s, "(x - moving_mean) * inv_std")
+    t("scale", scale, s, "gamma")
+    t("offset", offset, s, "beta")
+    t("y", y, s, "x_hat * scale + offset   (the backend's output)")
+
+
+def _trace_backward(tr, dy, x, layout, scale, mean, variance, epsilon, is_training, dx, dscale, doffset):
+    xc = _f64(x) - layout.broadcastable(mean)
+    dy64 = _f64(dy)
+    istd = ref.inv_std(variance, epsilon)
+    sum_dy, sum_dy_xc = ref.channel_sum(dy64, layout.axis), ref.channel_sum(dy64 * xc, layout.axis)
+    a, b, c, _, _ = ref.backward_coefficients(sum_dy, sum_dy_xc, layout.count, scale, istd, is_training)
+    t, s = tr.record, GRAD_STEP
+    mode = "training: statistics depend on x" if is_training else "inference: statistics are constants"
+    t("dy", dy, s, f"upstream gradient ({mode})")
+    t("inv_std", istd, s, "1 / sqrt(var + epsilon)")
+    t("sum_dy", sum_dy, s, "sum(dy) per channel")
+    t("sum_dy_x_hat", sum_dy_xc * istd, s, "sum(dy * x_hat) per channel")
+    t("dx_term_dy", layout.broadcastable(a) * dy64, s, "scale * inv_std * dy")
+    t("dx_term_mean_dy", layout.broadcastable(c) + 0.0 * dy64, s,
+      "-scale * inv_std * mean(dy)" if is_training else "0 (no gradient through the mean)")
+    t("dx_term_x_hat", layout.broadcastable(b) * xc, s, "-scale * inv_std * x_hat * mean(dy * x_hat)"
+      if is_training else "0 (no gradient through the variance)")
+    t("dx", dx, s, "sum of the three terms   (the backend's output)")
+    t("dgamma", dscale, s, "sum(dy * x_hat)   (the backend's output)")
+    t("dbeta", doffset, s, "sum(dy)   (the backend's output)")
 
 
 def new_trace(title, want, layout=None, **context):

@@ -19,7 +19,8 @@ convention  variance averaged        decay applied per step
                                      gives a cumulative average, decay 1/t
 ========== ======================== =========================================
 
-Every update is ``variable -= (variable - value) * decay`` evaluated in
+Every update is ``variable = (1 - decay) * variable + decay * value`` (Keras writes it
+``variable -= (variable - value) * decay``; refbn.reference.moving_average), evaluated in
 float64 and rounded once to the state dtype.
 
 Non-finite batches: NaN/Inf in x make that channel's batch statistics
@@ -33,7 +34,7 @@ import warnings
 
 import numpy as np
 
-from . import core, dtypes, equations as eq, validate
+from . import convergence, core, dtypes, reference as ref, validate
 from .layout import Layout
 
 CONVENTIONS = ("keras", "tf_fused", "torch")
@@ -110,8 +111,8 @@ class BatchNorm:
         (momentum**t for Keras): exact for constant data after any step.
         """
         w = self.initial_weight
-        return (eq.debias(self.moving_mean.astype(np.float64), self.INITIAL_MEAN, w),
-                eq.debias(self.moving_variance.astype(np.float64), self.INITIAL_VARIANCE, w))
+        return (convergence.debias(self.moving_mean.astype(np.float64), self.INITIAL_MEAN, w),
+                convergence.debias(self.moving_variance.astype(np.float64), self.INITIAL_VARIANCE, w))
 
     # -- forward / backward --------------------------------------------------------
     def _layout(self, x):
@@ -130,9 +131,9 @@ class BatchNorm:
             validate.nonempty_batch(layout.count, x.shape, minimum=2)
         if not self.built:
             self.build(layout.channels)
+        gamma, beta = self._state(layout, training)
         tr = core.new_trace("BatchNorm", want_trace, layout, convention=self.convention, training=training,
-                            momentum=self.momentum, epsilon=self.epsilon, step=self.steps)
-        gamma, beta = self.gamma.astype(np.float64), self.beta.astype(np.float64)
+                            momentum=self.momentum, epsilon=self.epsilon, step=self.steps, backend=self.backend)
         if training:
             y, mean, var = core.forward_training(x, layout, gamma, beta, self.epsilon, kernel, trace=tr)
             self._update(mean, var, layout.count, tr)
@@ -146,8 +147,19 @@ class BatchNorm:
             self._cache = (x, layout, mean, var, False)
         return (y, tr) if want_trace else y
 
+    def _state(self, layout, training):
+        """gamma and beta (float64) after checking every state array, which a user may have
+        assigned: the same per-channel checks as the raw ops' arguments."""
+        C = layout.channels
+        names = ("gamma", "beta", "moving_mean", "moving_variance")
+        vs = [validate.channel_vector(getattr(self, n), n, C, self.dtype) for n in names]
+        if not training:
+            validate.nonnegative(vs[3], "moving_variance")
+        self.gamma, self.beta, self.moving_mean, self.moving_variance = vs
+        return vs[0].astype(np.float64), vs[1].astype(np.float64)
+
     def _update(self, mean, var, n, tr):
-        value_var = var if self.convention == "keras" else var * eq.bessel_factor(n)
+        value_var = var if self.convention == "keras" else var * ref.bessel_factor(n)
         bad = ~(np.isfinite(mean) & np.isfinite(value_var))
         keep = np.zeros_like(bad)
         if bad.any():
@@ -177,7 +189,11 @@ class BatchNorm:
         x, layout, mean, var, training = self._cache
         dy = validate.as_x(dy, "dy")
         validate.same_shape(dy, x, "dy", "x of the last forward call")
+        if dy.dtype != x.dtype:
+            raise TypeError(f"dy: expected the dtype of the last forward call's x ({x.dtype.name}), "
+                            f"got {dy.dtype.name}")
         kernel, want_trace = core.check_backend_and_trace(self.backend, trace)
+        self._state(layout, True)
         tr = core.new_trace("BatchNorm.backward", want_trace, layout, convention=self.convention, training=training)
         dx, dgamma, dbeta = core.backward(dy, x, layout, self.gamma.astype(np.float64), mean, var,
                                           self.epsilon, training, kernel, trace=tr)

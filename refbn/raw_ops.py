@@ -16,7 +16,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from . import core, dtypes, equations as eq, validate
+from . import core, dtypes, reference as ref, validate
 from .layout import Layout
 
 _FWD_FIELDS = ("y", "batch_mean", "batch_variance", "reserve_space_1", "reserve_space_2", "reserve_space_3")
@@ -64,7 +64,7 @@ def FusedBatchNormV3(x, scale, offset, mean, variance, epsilon=0.0001, exponenti
     s64, o64 = scale.astype(np.float64), offset.astype(np.float64)
     if is_training:
         y, bmean, bvar = core.forward_training(x, layout, s64, o64, epsilon, kernel, out, tr)
-        unbiased = bvar * eq.bessel_factor(layout.count)
+        unbiased = bvar * ref.bessel_factor(layout.count)
         if ignore_stats:
             out_mean, out_var = bmean, unbiased
         else:

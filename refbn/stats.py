@@ -2,7 +2,7 @@
 
 A :class:`Moments` is (count, mean, M2) per channel, where M2 = sum((x - mean)^2).
 Two of them merge exactly and associatively with Chan, Golub & LeVeque's formula
-(:func:`refbn.equations.chan_merge`), so the moments of a data set too large for
+(:func:`chan_merge` below), so the moments of a data set too large for
 one device or one machine's memory are the merge of its shards' moments, in any
 order and grouping.  Each shard's moments come from a backend's ``moments``
 kernel (the same one single-device BN uses; ``backend="numba"`` reuses the numba
@@ -47,13 +47,62 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import backends, dtypes, equations as eq, validate
+from . import backends, dtypes, reference as ref, validate
 from .layout import Layout
 
 METHODS = ("exact", "keras_sync", "torch_sync", "flax_pmean")
 
 __all__ = ["Moments", "MomentsAccumulator", "MergeResult", "METHODS", "moments", "moments_of_shards",
            "merge", "merge_error_table"]
+
+
+# -- the merge maths (Chan, Golub & LeVeque) and the frameworks' arrangements of it ----------
+def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Merge two (count, mean, M2) summaries exactly: with delta = mean_b - mean_a and
+    n = n_a + n_b, mean = mean_a + delta * n_b / n and M2 = M2_a + M2_b + delta^2 * n_a * n_b / n."""
+    n = n_a + n_b
+    with np.errstate(invalid="ignore", divide="ignore"):
+        delta = mean_b - mean_a
+        w_b = np.where(n > 0, n_b / np.where(n > 0, n, 1), 0.0)
+        mean = mean_a + delta * w_b
+        m2 = m2_a + m2_b + delta * delta * n_a * w_b
+    return n, mean, m2
+
+
+# The emulations below evaluate in the dtype of their inputs (float32 inputs: float32
+# arithmetic), to reproduce a framework's float32 steps in its order of operations.
+def _chan_merge_as_torch(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """chan_merge in the order PyTorch's batch_norm_reduce_statistics_kernel evaluates it (the
+    same merge; only the float32 rounding differs): f = 1/(n_a+n_b),
+    M2 = M2_a + (M2_b + (mean_a-mean_b)^2*n_a*n_b*f), mean = n_a*f*mean_a + n_b*f*mean_b."""
+    f = 1 / (n_a + n_b)
+    d = mean_a - mean_b
+    return n_a + n_b, n_a * f * mean_a + n_b * f * mean_b, m2_a + (m2_b + d * d * n_a * n_b * f)
+
+
+def _sums_from_moments(n, mean, m2):
+    """(sum(x), sum(x^2)) of a (count, mean, M2) summary: n*mean and M2 + n*mean^2."""
+    return n * mean, m2 + n * mean * mean
+
+
+def _mean_and_mean_square(n, sum_x, sum_x2):
+    """E[x] = sum(x)/n and E[x^2] = sum(x^2)/n (Keras' synchronized moments divide so)."""
+    return sum_x / n, sum_x2 / n
+
+
+def _variance_from_mean_square(mean, mean_square):
+    """Biased variance as E[x^2] - E[x]^2, clamped at 0 (Keras' synchronized moments, Flax's
+    fast variance).  In float32 it cancels: the error is ~eps * E[x^2], i.e. relative to the
+    variance eps * (1 + mean^2/var), total loss when |mean| >> std."""
+    d = mean_square - mean * mean
+    return np.maximum(d, np.zeros_like(d))
+
+
+def _variance_from_inv_std(inv_std_, epsilon):
+    """(1/inv_std)^2 - epsilon: PyTorch's gather recovers each replica's variance from the
+    inv_std it was sent.  Loses the variance when var << epsilon."""
+    s = 1 / inv_std_
+    return s * s - epsilon
 
 
 def _count(value, name="count"):
@@ -140,7 +189,7 @@ class Moments:
     def unbiased_variance(self):
         """variance * n / max(n - 1, 1), TF's Bessel correction (n == 1 gives 0, not NaN)."""
         self._need_values("unbiased_variance")
-        return self.variance * eq.bessel_factor(self.count)
+        return self.variance * ref.bessel_factor(self.count)
 
     @property
     def std(self):
@@ -148,7 +197,7 @@ class Moments:
 
     def sums(self):
         """(sum(x), sum(x^2)) per channel, in float64."""
-        return eq.sums_from_moments(self.count, self.mean, self.m2)
+        return _sums_from_moments(self.count, self.mean, self.m2)
 
     def _need_values(self, what):
         if self.count == 0:
@@ -165,7 +214,7 @@ class Moments:
             return self
         if self.count == 0:
             return other
-        n, mean, m2 = eq.chan_merge(float(self.count), self.mean, self.m2,
+        n, mean, m2 = chan_merge(float(self.count), self.mean, self.m2,
                                     float(other.count), other.mean, other.m2)
         return Moments(self.count + other.count, mean, np.maximum(m2, 0.0))
 
@@ -345,9 +394,9 @@ def _keras_sync(shards, dt, epsilon):
         s, s2 = m.sums()
         total, total_sq, count = total + s.astype(dt), total_sq + s2.astype(dt), count + dt.type(m.count)
     safe = np.where(count == 0, dt.type(1), count)  # tf.math.divide_no_nan
-    mean, mean_sq = eq.mean_and_mean_square(safe, total, total_sq)
+    mean, mean_sq = _mean_and_mean_square(safe, total, total_sq)
     mean, mean_sq = np.where(count == 0, dt.type(0), mean), np.where(count == 0, dt.type(0), mean_sq)
-    return mean, eq.variance_from_mean_square(mean, mean_sq)
+    return mean, _variance_from_mean_square(mean, mean_sq)
 
 
 def _torch_sync(shards, dt, epsilon):
@@ -360,10 +409,10 @@ def _torch_sync(shards, dt, epsilon):
             continue
         mean = m.mean.astype(dt)
         # batch_norm_stats: invstd = 1 / sqrt(var + eps), var + eps formed in double, rounded to dt
-        invstd = eq.inv_std(m.variance.astype(dt).astype(np.float64), epsilon).astype(dt)
+        invstd = ref.inv_std(m.variance.astype(dt).astype(np.float64), epsilon).astype(dt)
         count = dt.type(m.count)
-        m2 = eq.variance_from_inv_std(invstd, eps) * count
-        _, avg, var_n = eq.chan_merge_weighted(dt.type(n), avg, var_n, count, mean, m2)
+        m2 = _variance_from_inv_std(invstd, eps) * count
+        _, avg, var_n = _chan_merge_as_torch(dt.type(n), avg, var_n, count, mean, m2)
         n += m.count
     with np.errstate(divide="ignore", invalid="ignore"):
         return avg, var_n / dt.type(n)
@@ -377,11 +426,11 @@ def _flax_pmean(shards, dt, epsilon):
         if m.count == 0:  # jnp.mean of no values
             local, local_sq = np.full(c, np.nan, dt), np.full(c, np.nan, dt)
         else:
-            local, local_sq = eq.mean_and_mean_square(m.count, *m.sums())
+            local, local_sq = _mean_and_mean_square(m.count, *m.sums())
         mu, mu2 = mu + local.astype(dt), mu2 + local_sq.astype(dt)
     r = dt.type(len(shards))
     mu, mu2 = mu / r, mu2 / r
-    return mu, eq.variance_from_mean_square(mu, mu2)
+    return mu, _variance_from_mean_square(mu, mu2)
 
 
 def _exact(shards, dt, epsilon):

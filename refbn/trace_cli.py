@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 
-from . import equations as eq
+from . import convergence as conv
 from .layer import CONVENTIONS, BatchNorm
 
 SWEEP_STEPS = (1, 5, 20, 100, 500)
@@ -149,7 +149,7 @@ def main(args):
     print(f"The initial values (mean 0, variance 1) still weigh {final['initial_weight']:.4g} after "
           f"{args.steps} step(s); {why}.")
     if args.convention != "torch" and 0 < m < 1:
-        need = eq.steps_to_converge(m, args.tolerance)
+        need = conv.steps_to_converge(m, args.tolerance)
         print(f"momentum^t = {m}^t falls under {args.tolerance:g} after {need} steps.")
 
     momenta = sorted(set(SWEEP_MOMENTA[args.convention]) | ({m} if m is not None else set()),

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.tf
 
 import refbn  # noqa: E402
 import refbn.keras as rk  # noqa: E402
-from refbn import cli, equations as eq  # noqa: E402
+from refbn import cli, convergence as conv  # noqa: E402
 from refbn.keras import capture as cap  # noqa: E402
 from refbn.keras import demo  # noqa: E402
 from refbn.keras._backend import keras  # noqa: E402
@@ -101,7 +101,7 @@ def test_diagnose_flags_unconverged_layers_and_changes_nothing(trained):
     assert [r.verdict for r in d.layers] == ["not converged"] * len(d.layers)
     first = d.layers[0]
     assert_close(first.initial_weight, 0.99 ** 10, "initial_weight", "float64", "layer")
-    assert first.steps_needed == eq.steps_to_converge(0.99, 0.01) == 459
+    assert first.steps_needed == conv.steps_to_converge(0.99, 0.01) == 459
     assert first.output_error > 1.0 and first.variance_ratio_max < 0.5
     assert d.accuracy == _acc(model, x, y) < 1.0
     assert d.accuracy_recalibrated == 1.0
@@ -193,7 +193,7 @@ def test_normalized_error_closed_form_matches_elementwise():
     xhat_used = bn(x, training=False)
     xhat_true = bn(x, training=True)
     direct = np.mean((xhat_used - xhat_true) ** 2, axis=0)
-    assert_close(eq.normalized_error_ms(mean, var, used_m, used_v, 1e-3), direct, "output_error", "float64")
+    assert_close(conv.normalized_error_ms(mean, var, used_m, used_v, 1e-3), direct, "output_error", "float64")
 
 
 def test_debiased_estimate_equals_batch_statistic_after_one_step_on_constant_data():

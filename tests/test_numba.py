@@ -1,11 +1,12 @@
-"""The numba backend: accuracy goals of issue 4, both builds (serial and parallel), every
-layout and dtype, out=, non-finite data and determinism.  The shared reference tests
-(test_reference.py) run the numba backend through the same closed forms already."""
+"""The numba backend against the truth: refbn.reference (float64, whole arrays) and
+independent float64 sums, never against the numpy backend.  Accuracy goals of issue 4, both
+builds (serial and parallel), every layout and dtype, out=, non-finite data, determinism, the
+trace not changing the outputs, and the compiled cache following the maths' source."""
 import numpy as np
 import pytest
 
 import refbn
-from refbn import dtypes
+from refbn import dtypes, reference
 from refbn.backends import numba_kernels as nk
 from refbn.layout import Layout
 from refbn.testing import assert_close, compare
@@ -26,6 +27,24 @@ def truth_moments(x, axis):
     mean = np.array([np.sum(c) for c in cols]) / cols.shape[1]
     var = np.array([np.sum((c - m) ** 2) for c, m in zip(cols, mean)]) / cols.shape[1]
     return mean, var
+
+
+def truth_fwd(x, scale, offset, eps, data_format, mean=None, var=None):
+    """refbn.reference's forward outputs (float64), by TF's output names."""
+    axis = Layout.from_data_format(x.shape, data_format).axis
+    if mean is None:
+        y, m, v = reference.forward_training(x, scale, offset, eps, axis)
+        n = reference.count(x, axis)
+        return {"y": y, "batch_mean": m, "reserve_space_1": m, "reserve_space_2": v,
+                "batch_variance": v * reference.bessel_factor(n)}
+    return {"y": reference.forward_inference(x, scale, offset, mean, var, eps, axis)}
+
+
+def truth_grad(dy, x, scale, mean, var, eps, data_format, training):
+    axis = Layout.from_data_format(x.shape, data_format).axis
+    dx, ds, do = reference.backward(dy, x, scale, np.asarray(mean, np.float64), np.asarray(var, np.float64),
+                                    eps, training, axis)
+    return {"x_backprop": dx, "scale_backprop": ds, "offset_backprop": do}
 
 
 def _params(c, seed=2):
@@ -76,18 +95,14 @@ def test_parallel_build_matches_the_closed_form_in_every_layout(data_format):
     scale, offset = _params(layout.channels)
     r = refbn.raw_ops.FusedBatchNormV3(x, scale, offset, [], [], epsilon=EPS, data_format=data_format,
                                        backend="numba")
-    ref = refbn.raw_ops.FusedBatchNormV3(x.astype(np.float64), scale.astype(np.float64),
-                                         offset.astype(np.float64), [], [], epsilon=EPS, data_format=data_format)
+    ref = truth_fwd(x, scale, offset, EPS, data_format)
     for name in ("y", "batch_mean", "batch_variance", "reserve_space_1", "reserve_space_2"):
-        assert_close(getattr(r, name), getattr(ref, name), name, np.float32, "numba", what=data_format)
+        assert_close(getattr(r, name), ref[name], name, np.float32, "numba", what=data_format)
     g = refbn.raw_ops.FusedBatchNormGradV3(dy, x, scale, r.reserve_space_1, r.reserve_space_2, [], epsilon=EPS,
                                            data_format=data_format, backend="numba")
-    g0 = refbn.raw_ops.FusedBatchNormGradV3(dy.astype(np.float64), x.astype(np.float64), scale.astype(np.float64),
-                                            r.reserve_space_1.astype(np.float64),
-                                            r.reserve_space_2.astype(np.float64), [], epsilon=EPS,
-                                            data_format=data_format)
+    g0 = truth_grad(dy, x, scale, r.reserve_space_1, r.reserve_space_2, EPS, data_format, True)
     for name in ("x_backprop", "scale_backprop", "offset_backprop"):
-        assert_close(getattr(g, name), getattr(g0, name), name, np.float32, "numba", what=data_format)
+        assert_close(getattr(g, name), g0[name], name, np.float32, "numba", what=data_format)
 
 
 @pytest.mark.parametrize("shape", [(1031, 200), (2051, 100), (1027, 130)], ids=str)
@@ -102,39 +117,42 @@ def test_wide_and_narrow_row_walks_match_the_closed_form(shape):
     m64, v64 = nk.moments(x.reshape(shape[0], shape[1], 1))
     assert_close(m64, mean, "mean", np.float64, "numba_moments", what=str(shape))
     assert_close(v64, var, "variance", np.float64, "numba_moments", what=str(shape))
+    # the gradient's two sums, read off a float64 backward (dscale = sum(dy*(x-mean))*inv_std, doffset = sum(dy))
     x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
-    s1, s2 = nk.grad_sums(dy.reshape(shape[0], shape[1], 1), x.reshape(shape[0], shape[1], 1), mean)
-    assert_close(s1, dy64.sum(axis=0), "sum_dy", np.float64, "numba_moments", what=str(shape),
+    g = refbn.raw_ops.FusedBatchNormGradV3(dy64, x64, np.ones(shape[1]), mean, var, [], epsilon=EPS,
+                                           data_format="NC", backend="numba")
+    istd = 1.0 / np.sqrt(var + EPS)
+    assert_close(g.offset_backprop, dy64.sum(axis=0), "sum_dy", np.float64, "numba_moments", what=str(shape),
                  scale=np.abs(dy64).sum(axis=0))
-    assert_close(s2, (dy64 * (x64 - mean)).sum(axis=0), "sum_dy_xc", np.float64, "numba_moments",
-                 what=str(shape), scale=np.abs(dy64 * (x64 - mean)).sum(axis=0))
+    assert_close(g.scale_backprop, (dy64 * (x64 - mean)).sum(axis=0) * istd, "sum_dy_xc", np.float64,
+                 "numba_moments", what=str(shape), scale=np.abs(dy64 * (x64 - mean)).sum(axis=0) * istd)
 
 
-_ONE_CALL_CASES = [("NHWC", (5, 33, 35, 24), np.float32), ("NCHW", (5, 24, 33, 35), np.float32),
-                   ("NC", (1001, 3), np.float32), ("NHWC", (2, 5, 6, 7), dtypes.bfloat16),
-                   ("NCHW", (2, 7, 5, 6), np.float16), ("NC", (3, 300), np.float64)]
+_TRACE_CASES = [("NHWC", (5, 33, 35, 24), np.float32), ("NCHW", (5, 24, 33, 35), np.float32),
+                ("NC", (1001, 3), np.float32), ("NHWC", (2, 5, 6, 7), dtypes.bfloat16),
+                ("NCHW", (2, 7, 5, 6), np.float16), ("NC", (3, 300), np.float64)]
 
 
-@pytest.mark.parametrize("data_format, shape, dtype", _ONE_CALL_CASES,
-                         ids=[f"{f}-{'x'.join(map(str, s))}-{np.dtype(d).name}" for f, s, d in _ONE_CALL_CASES])
-def test_one_call_path_gives_the_same_bits_as_the_composed_path(data_format, shape, dtype):
-    """Without a trace an op is one compiled call (refbn.backends); with one, core composes the
-    four backend functions and the equations in Python.  Same kernels, same equations, same
-    order: every output must be bit-identical, so the two paths cannot drift apart."""
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("data_format, shape, dtype", _TRACE_CASES,
+                         ids=[f"{f}-{'x'.join(map(str, s))}-{np.dtype(d).name}" for f, s, d in _TRACE_CASES])
+def test_a_trace_never_changes_the_outputs(data_format, shape, dtype, backend):
+    """One orchestration: the same backend code computes the outputs whether or not a trace is
+    recorded (the trace adds refbn.reference's intermediates beside them), so every output is
+    bit-identical with and without trace=True."""
     layout = Layout.from_data_format(shape, data_format)
     x = make_x(shape, dtype, seed=31, loc=1.5, scale=2.0)
     dy = make_x(shape, dtype, seed=32)
     scale, offset = _params(layout.channels)
     mean, var = (np.abs(v) for v in _params(layout.channels, seed=33))
-    kw = dict(epsilon=EPS, data_format=data_format, backend="numba")
+    kw = dict(epsilon=EPS, data_format=data_format, backend=backend)
     for training, stats in ((True, ([], [])), (False, (mean, var))):
         one = refbn.raw_ops.FusedBatchNormV3(x, scale, offset, *stats, is_training=training, **kw)
-        composed = refbn.raw_ops.FusedBatchNormV3(x, scale, offset, *stats, is_training=training, trace=True, **kw)
+        traced = refbn.raw_ops.FusedBatchNormV3(x, scale, offset, *stats, is_training=training, trace=True, **kw)
         for name in ("y", "batch_mean", "batch_variance", "reserve_space_1", "reserve_space_2"):
-            a, b = getattr(one, name), getattr(composed, name)
+            a, b = getattr(one, name), getattr(traced, name)
             assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True), (
-                f"{name} (training={training}): the one-call path differs from the composed path "
-                f"in {np.sum(a != b)} of {a.size} values")
+                f"{name} (training={training}): trace=True changed {np.sum(a != b)} of {a.size} values")
         g1 = refbn.raw_ops.FusedBatchNormGradV3(dy, x, scale, one.reserve_space_1, one.reserve_space_2, [],
                                                 is_training=training, **kw)
         g2 = refbn.raw_ops.FusedBatchNormGradV3(dy, x, scale, one.reserve_space_1, one.reserve_space_2, [],
@@ -142,8 +160,8 @@ def test_one_call_path_gives_the_same_bits_as_the_composed_path(data_format, sha
         for name in ("x_backprop", "scale_backprop", "offset_backprop"):
             a, b = getattr(g1, name), getattr(g2, name)
             assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True), (
-                f"{name} (training={training}): the one-call path differs from the composed path "
-                f"in {np.sum(a != b)} of {a.size} values")
+                f"{name} (training={training}): trace=True changed {np.sum(a != b)} of {a.size} values")
+        assert np.array_equal(traced.trace["y"], traced.y, equal_nan=True)   # the trace shows the backend's y
 
 
 # float64 runs the same parallel code as float32, so its parallel build (3 s of compiling) is left out
@@ -152,8 +170,8 @@ _BUILDS = [(s, d) for s in ("serial", "parallel") for d in DTYPES if not (s == "
 
 @pytest.mark.parametrize("size, dtype", _BUILDS, ids=[f"{s}-{dtypes.short_name(d)}" for s, d in _BUILDS])
 @pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
-def test_every_dtype_in_both_builds_matches_the_numpy_reference(dtype, data_format, size):
-    """y, the statistics and the gradients, against the reference rounded once to the dtype."""
+def test_every_dtype_in_both_builds_matches_the_reference(dtype, data_format, size):
+    """y, the statistics and the gradients, against refbn.reference (float64)."""
     shape = LARGE[data_format] if size == "parallel" else {"NHWC": (2, 5, 6, 7), "NCHW": (2, 7, 5, 6)}[data_format]
     layout = Layout.from_data_format(shape, data_format)
     x = make_x(shape, dtype, seed=4, loc=-2.0, scale=3.0)
@@ -161,22 +179,21 @@ def test_every_dtype_in_both_builds_matches_the_numpy_reference(dtype, data_form
     scale, offset = _params(layout.channels)
     sdt = dtypes.stats_dtype(dtype)
     for training in (True, False):
-        args = ([], []) if training else _params(layout.channels, seed=8)
-        r = refbn.raw_ops.FusedBatchNormV3(x, scale, offset, *[np.abs(a) for a in args], epsilon=EPS,
+        args = [] if training else [np.abs(a).astype(sdt) for a in _params(layout.channels, seed=8)]
+        r = refbn.raw_ops.FusedBatchNormV3(x, scale, offset, *(args or ([], [])), epsilon=EPS,
                                            data_format=data_format, is_training=training, backend="numba")
-        r0 = refbn.raw_ops.FusedBatchNormV3(x, scale, offset, *[np.abs(a) for a in args], epsilon=EPS,
-                                            data_format=data_format, is_training=training, backend="numpy")
+        r0 = truth_fwd(x, scale, offset, EPS, data_format, *args)
         assert r.y.dtype == dtype
-        assert_close(r.y, r0.y, "y", dtype, "numba", what=f"training={training}")
-        assert_close(r.batch_variance, r0.batch_variance, "batch_variance", sdt, "numba")
-        g = refbn.raw_ops.FusedBatchNormGradV3(dy, x, scale, r0.reserve_space_1, r0.reserve_space_2, [],
-                                               epsilon=EPS, data_format=data_format, is_training=training,
-                                               backend="numba")
-        g0 = refbn.raw_ops.FusedBatchNormGradV3(dy, x, scale, r0.reserve_space_1, r0.reserve_space_2, [],
-                                                epsilon=EPS, data_format=data_format, is_training=training)
+        assert_close(r.y, r0["y"], "y", dtype, "numba", what=f"training={training}")
+        if training:
+            assert_close(r.batch_variance, r0["batch_variance"], "batch_variance", sdt, "numba")
+        gm, gv = (r.reserve_space_1, r.reserve_space_2) if training else args
+        g = refbn.raw_ops.FusedBatchNormGradV3(dy, x, scale, gm, gv, [], epsilon=EPS, data_format=data_format,
+                                               is_training=training, backend="numba")
+        g0 = truth_grad(dy, x, scale, gm, gv, EPS, data_format, training)
         for name in ("x_backprop", "scale_backprop", "offset_backprop"):
             out_dt = dtype if name == "x_backprop" else sdt
-            assert_close(getattr(g, name), getattr(g0, name), name, out_dt, "numba", what=f"training={training}")
+            assert_close(getattr(g, name), g0[name], name, out_dt, "numba", what=f"training={training}")
 
 
 @pytest.mark.parametrize("shape", [(1001, 3), (7, 1), (130, 5, 1), (64, 1)], ids=str)
@@ -187,9 +204,9 @@ def test_few_channels_use_virtual_channels_with_a_remainder(shape):
     x = make_x(shape, np.float32, seed=6)
     scale, offset = _params(c)
     r = refbn.raw_ops.FusedBatchNormV3(x, scale, offset, [], [], epsilon=EPS, data_format=fmt, backend="numba")
-    r0 = refbn.raw_ops.FusedBatchNormV3(x, scale, offset, [], [], epsilon=EPS, data_format=fmt)
+    r0 = truth_fwd(x, scale, offset, EPS, fmt)
     for name in ("y", "reserve_space_1", "reserve_space_2"):
-        assert_close(getattr(r, name), getattr(r0, name), name, np.float32, "numba", what=str(shape))
+        assert_close(getattr(r, name), r0[name], name, np.float32, "numba", what=str(shape))
 
 
 # -- out=, inputs untouched, non-finite data, determinism ------------------------------------
@@ -225,10 +242,10 @@ def test_half_output_overflows_to_inf_as_the_reference_does():
     scale = np.full(3, 2.0, np.float32)
     r = refbn.raw_ops.FusedBatchNormV3(x, scale, np.zeros(3, np.float32), [0, 0, 0], [1, 1, 1], epsilon=EPS,
                                        data_format="NC", is_training=False, backend="numba")
-    r0 = refbn.raw_ops.FusedBatchNormV3(x, scale, np.zeros(3, np.float32), [0, 0, 0], [1, 1, 1], epsilon=EPS,
-                                        data_format="NC", is_training=False)
-    assert np.isinf(r.y[1]).all()
-    np.testing.assert_array_equal(r.y, r0.y)
+    y0 = (x.astype(np.float64) - 0.0) * 2.0 / np.sqrt(1.0 + EPS)   # hand-derived: 0 and 1.2e5 (> 65504)
+    assert np.isinf(r.y[1]).all() and np.all(r.y[0] == 0.0)
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(r.y, y0.astype(np.float16))
 
 
 @pytest.mark.parametrize("size", [(6, 5, 5, 4), (90, 40, 40, 4)], ids=["serial", "parallel"])
@@ -239,10 +256,12 @@ def test_nonfinite_values_land_where_the_reference_puts_them(size):
     x[3, 2, 1, 3] = -np.inf
     scale, offset = _params(4)
     r = refbn.raw_ops.FusedBatchNormV3(x, scale, offset, [], [], backend="numba")
-    r0 = refbn.raw_ops.FusedBatchNormV3(x, scale, offset, [], [], backend="numpy")
+    with np.errstate(invalid="ignore"):
+        r0 = truth_fwd(x, scale, offset, 1e-4, "NHWC")
     for name in ("reserve_space_1", "reserve_space_2", "y"):
-        c = compare(getattr(r, name), getattr(r0, name), name, np.float32, "numba")
+        c = compare(getattr(r, name), r0[name], name, np.float32, "numba")
         assert c.passed, c.message(name)
+    assert np.isinf(r.reserve_space_1[2]) and np.isnan(r.reserve_space_2[2])   # Inf mean, (Inf-Inf)^2 variance
     assert np.isfinite(r.reserve_space_2[1])      # the untouched channel
 
 
@@ -264,11 +283,17 @@ def test_results_do_not_depend_on_the_thread_count():
 
 
 def test_batch_norm_layer_runs_on_the_numba_backend():
+    """Three Keras-convention steps on the numba backend against the reference's moving average."""
     x = make_x((8, 4, 4, 6), np.float32, seed=13)
-    a, b = refbn.BatchNorm(backend="numba"), refbn.BatchNorm(backend="numpy")
+    a = refbn.BatchNorm(backend="numba")
+    ones, zeros = np.ones(6), np.zeros(6)
+    y64, m, v = reference.forward_training(x, ones, zeros, a.epsilon, 3)
+    mm, mv = zeros, ones
     for _ in range(3):
-        ya, yb = a(x, training=True), b(x, training=True)
-        assert_close(ya, yb, "y", np.float32, "numba")
-    assert_close(a.moving_variance, b.moving_variance, "moving_variance", np.float32, "numba")
+        assert_close(a(x, training=True), y64, "y", np.float32, "numba")
+        mm, mv = (reference.moving_average(mm, m, 0.01).astype(np.float32).astype(np.float64),
+                  reference.moving_average(mv, v, 0.01).astype(np.float32).astype(np.float64))
+    assert_close(a.moving_variance, mv, "moving_variance", np.float32, "numba")
     dy = make_x(x.shape, np.float32, seed=14)
-    assert_close(a.backward(dy), b.backward(dy), "x_backprop", np.float32, "numba")
+    dx64 = reference.backward(dy, x, ones, m, v, a.epsilon, True, 3)[0]
+    assert_close(a.backward(dy), dx64, "x_backprop", np.float32, "numba")

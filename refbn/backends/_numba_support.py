@@ -157,3 +157,62 @@ def prefetch(typingctx, array, offset):
         builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
         return context.get_dummy_value()
     return types.void(array, offset), codegen
+
+
+# -- the compiled cache follows the maths ------------------------------------------------------
+def maths_stamp(modules):
+    """A hash of the source files the kernels compile from (the kernel file itself, the maths'
+    home refbn.reference, this module)."""
+    import hashlib
+    h = hashlib.sha256()
+    for m in modules:
+        with open(m.__file__, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def install_cache_locator(kernel_file, stamp):
+    """Make numba's on-disk cache of functions defined in ``kernel_file`` depend on ``stamp``.
+
+    numba checks a cached function against its own source file's modification time and size
+    only, so an edit of refbn/reference.py (whose functions the kernels inline) would leave a
+    warm cache with the old maths.  This locator wraps numba's usual ones for that file and adds
+    the hash of every module the kernels compile from to the stamp numba compares: any edit
+    there makes the cache stale, and numba recompiles.
+    """
+    import os
+
+    from numba.core import caching
+
+    kernel_file = os.path.realpath(kernel_file)
+
+    class MathsStampLocator(caching._CacheLocator):
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            if os.path.realpath(py_file) != kernel_file:
+                return None
+            for other in caching.CacheImpl._locator_classes:
+                if other is cls or isinstance(other, type) and issubclass(other, MathsStampLocator):
+                    continue
+                loc = other.from_function(py_func, py_file)
+                if loc is not None:
+                    base = loc.get_source_stamp
+                    loc.get_source_stamp = lambda: (base(), stamp)
+                    return loc
+            return None
+
+        def ensure_cache_path(self):  # pragma: no cover - instances are the wrapped locators
+            raise NotImplementedError
+
+        def get_cache_path(self):  # pragma: no cover
+            raise NotImplementedError
+
+        def get_source_stamp(self):  # pragma: no cover
+            raise NotImplementedError
+
+        def get_disambiguator(self):  # pragma: no cover
+            raise NotImplementedError
+
+    classes = caching.CacheImpl._locator_classes
+    classes[:] = [c for c in classes if getattr(c, "__name__", "") != "MathsStampLocator"]
+    classes.insert(0, MathsStampLocator)

@@ -1,10 +1,11 @@
 """The numba backend: parallel, cache-aware kernels, float64 accumulation.
 
-Same interface as :mod:`refbn.backends.numpy_ref` (see
-:mod:`refbn.backends`); the per-channel maths between the passes stays in
-:mod:`refbn.equations`, and the elementwise forms the kernels apply are
-``equations.batch_norm`` and ``equations.batch_norm_backward`` themselves,
-compiled by numba.  Only the reductions are written here.
+Whole ops on canonical views, as every backend (see :mod:`refbn.backends`).  The maths
+between and inside the passes is compiled from its one home, :mod:`refbn.reference`
+(``inv_std``, ``y_coefficient``, ``backward_coefficients``, and the elementwise
+``batch_norm`` and ``batch_norm_backward``), and numba's on-disk cache is keyed on that
+module's source, so an edit there reaches the compiled kernels.  Only the reductions and
+the walk over memory are written here.
 
 Layouts.  Every layout arrives as the canonical (outer, C, inner) view:
 
@@ -25,12 +26,12 @@ moments take one pass over x, summing d = x - K and d*d per channel, where
 the shift K is the channel's first value; partial sums are kept per block
 (64K values) and added in float64 at the end.  For float32 and narrower
 data d is exact in float64 and d*d is rounded once; the mean and biased
-variance follow from :func:`refbn.equations.shifted_moments`, whose
+variance follow from ``_shifted_moments`` below, whose
 cancellation is bounded by (n - 1) because K is one of the values; in
 practice the relative error of the variance is ~1e-15 even on N(1e6, 1)
 data.  Channels whose statistics are not finite (NaN/Inf in x) are
-recomputed by the numpy reference, so NaN/Inf land exactly where the
-reference puts them.
+recomputed in the same call with two plain passes, as the reference
+computes them, so NaN/Inf land exactly where the reference puts them.
 
 Speed.  Training forward = one reading pass (moments) plus one read-and-
 write pass (y), the memory floor; inference = one read-and-write pass;
@@ -61,9 +62,13 @@ import types
 import numpy as np
 from numba import njit, prange
 
-from .. import equations as eq
-from . import numpy_ref
+from .. import reference as ref
+from . import _numba_support
 from ._numba_support import decode, encode, prefetch, storage
+
+# numba checks a cached function against its own file only: make every cache entry of this file
+# depend on the source of the modules it compiles from too (before any function is decorated)
+_numba_support.install_cache_locator(__file__, _numba_support.maths_stamp((ref, _numba_support)))
 
 _BLOCK_VALUES = 1 << 16      # values per block / chunk: 256 KB of float32, ~100 blocks per
 #                              ResNet-50 tensor for the threads to share
@@ -75,8 +80,12 @@ _RUN = 64                    # rows one at a time: per-channel sums of 64 rows, 
 
 _PARALLEL_MIN_VALUES = 1 << 17   # smaller inputs run on one thread: waking threads costs more
 
-_batch_norm = njit(eq.batch_norm)
-_batch_norm_backward = njit(eq.batch_norm_backward)
+# the maths, compiled from its one home (refbn.reference); the cache follows its source (below)
+_batch_norm = njit(ref.batch_norm)
+_batch_norm_backward = njit(ref.batch_norm_backward)
+_inv_std = njit(ref.inv_std)
+_y_coefficient = njit(ref.y_coefficient)
+_backward_coefficients = njit(ref.backward_coefficients)
 _REDUCE = {"reassoc", "contract"}   # reductions may be reordered (vectorised), nothing else
 _FMA = {"contract"}               # elementwise: a*b + c may become one fused multiply-add
 
@@ -232,7 +241,7 @@ def _scale_shift_last(x, kind, mean, y_coef, offset, rows, y):
     for b in prange(blocks):
         for r in range(b * rows, min(total, (b + 1) * rows)):
             for c in range(width):
-                y[r, c] = encode(_batch_norm(decode(x[r, c], kind) - m[c], k[c], o[c]), y, kind)
+                y[r, c] = encode(_batch_norm(decode(x[r, c], kind), m[c], k[c], o[c]), y, kind)
 
 
 @_kernel(_FMA)
@@ -243,8 +252,7 @@ def _grad_apply_last(dy, x, kind, mean, a, b_, c_, rows, dx):
     for b in prange(blocks):
         for r in range(b * rows, min(total, (b + 1) * rows)):
             for c in range(width):
-                coefs = eq.BackwardCoefficients(ta[c], tb[c], tc[c], 0.0, 0.0)
-                v = _batch_norm_backward(decode(dy[r, c], kind), decode(x[r, c], kind) - m[c], coefs)
+                v = _batch_norm_backward(decode(dy[r, c], kind), decode(x[r, c], kind), m[c], ta[c], tb[c], tc[c])
                 dx[r, c] = encode(v, dx, kind)
 
 
@@ -350,7 +358,7 @@ def _scale_shift_first(x, kind, mean, y_coef, offset, group, y):
             k = y_coef[c]
             o = offset[c]
             for i in range(inner):
-                y[n, c, i] = encode(_batch_norm(decode(x[n, c, i], kind) - m, k, o), y, kind)
+                y[n, c, i] = encode(_batch_norm(decode(x[n, c, i], kind), m, k, o), y, kind)
 
 
 @_kernel(_FMA)
@@ -361,34 +369,19 @@ def _grad_apply_first(dy, x, kind, mean, a, b_, c_, group, dx):
         n = t // groups
         g = t - n * groups
         for c in range(g * group, min(channels, (g + 1) * group)):
-            m = mean[c]
-            coefs = eq.BackwardCoefficients(a[c], b_[c], c_[c], 0.0, 0.0)
+            m, ac, bc, cc = mean[c], a[c], b_[c], c_[c]
             for i in range(inner):
-                dx[n, c, i] = encode(_batch_norm_backward(decode(dy[n, c, i], kind), decode(x[n, c, i], kind) - m,
-                                                          coefs), dx, kind)
+                dx[n, c, i] = encode(_batch_norm_backward(decode(dy[n, c, i], kind), decode(x[n, c, i], kind), m,
+                                                          ac, bc, cc), dx, kind)
 
 
 # ----------------------------------------------------------------------------------------------
-# dispatch, compiled: canonical (outer, C, inner) storage views -> kernels.  Compiled (not Python)
-# so that a whole op is one call: the Python glue it replaces cost ~0.15-0.25 ms per call with
-# cold caches (bench/RESULTS.md), a tenth of a ResNet-50 inference.
+# the passes over a canonical (outer, C, inner) storage view, written once as templates.  Each
+# template names the kernel builds it calls by placeholder globals (MAIN, TAIL, ...); _variant
+# binds them, so that a channels-last call never compiles a channels-first kernel, and a small
+# (serial) call never compiles a parallel one.  Compiled (not Python) so that a whole op is one
+# call: the Python glue it replaces cost ~0.15-0.25 ms per call with cold caches.
 # ----------------------------------------------------------------------------------------------
-_inv_std = njit(eq.inv_std)
-_y_coefficient = njit(eq.y_coefficient)
-_shifted_moments = njit(eq.shifted_moments)
-_backward_coefficients = njit(eq.backward_coefficients)
-
-# the two builds of each kernel, as globals that compiled code can call
-_moments_last_p, _moments_last_s = _moments_last.parallel, _moments_last.serial
-_grad_sums_last_p, _grad_sums_last_s = _grad_sums_last.parallel, _grad_sums_last.serial
-_scale_shift_last_p, _scale_shift_last_s = _scale_shift_last.parallel, _scale_shift_last.serial
-_grad_apply_last_p, _grad_apply_last_s = _grad_apply_last.parallel, _grad_apply_last.serial
-_moments_first_p, _moments_first_s = _moments_first.parallel, _moments_first.serial
-_grad_sums_first_p, _grad_sums_first_s = _grad_sums_first.parallel, _grad_sums_first.serial
-_scale_shift_first_p, _scale_shift_first_s = _scale_shift_first.parallel, _scale_shift_first.serial
-_grad_apply_first_p, _grad_apply_first_s = _grad_apply_first.parallel, _grad_apply_first.serial
-
-
 @njit(cache=True)
 def _virtual(rows, channels):
     """k such that a (rows, C) matrix is processed as (rows/k, k*C); 1 when C is wide enough."""
@@ -431,39 +424,73 @@ def _row_walk(width):
 
 
 @njit(cache=True)
-def _moments_sums(xs, kind, shift):
-    """Per-channel (sum(d), sum(d * d)), d = x - shift, of a canonical storage view."""
+def _first_values(xs, kind):
+    """x[0, c, 0] per channel, as float64: the shift of the one-pass moments."""
+    shift = np.empty(xs.shape[1])
+    for c in range(xs.shape[1]):
+        shift[c] = decode(xs[0, c, 0], kind)
+    return shift
+
+
+@njit(cache=True)
+def _shifted_moments(shift, sum_d, sum_d2, n):
+    """Mean and biased variance from one pass of sums of d = x - shift (per channel):
+    mean = shift + sum(d)/n, var = sum(d^2)/n - (sum(d)/n)^2 (clipped at 0).  With the shift one
+    of the channel's values the cancellation is bounded by n, and with float64 sums of float32
+    data the variance keeps ~1e-15 relative accuracy even on N(1e6, 1) data."""
+    m1 = sum_d / n
+    return shift + m1, np.maximum(sum_d2 / n - m1 * m1, 0.0)
+
+
+@njit(cache=True)
+def _two_pass_channel(xs, kind, c):
+    """Channel c's mean and biased variance in two plain passes: what the reference computes,
+    for a channel whose one-pass statistics are not finite (NaN/Inf in x), so that NaN and Inf
+    land where the reference puts them (a first value of Inf would make every d NaN)."""
     outer, channels, inner = xs.shape
-    if inner > 1:
-        group = _channel_group(channels, inner)
-        if xs.size >= _PARALLEL_MIN_VALUES:
-            return _moments_first_p(xs, kind, shift, group, _BLOCK_VALUES)
-        return _moments_first_s(xs, kind, shift, group, _BLOCK_VALUES)
+    s = 0.0
+    for o in range(outer):
+        for i in range(inner):
+            s += decode(xs[o, c, i], kind)
+    mean = s / (outer * inner)
+    q = 0.0
+    for o in range(outer):
+        for i in range(inner):
+            d = decode(xs[o, c, i], kind) - mean
+            q += d * d
+    return mean, q / (outer * inner)
+
+
+def _sums_last_t(xs, kind, shift):
+    """Per-channel (sum(d), sum(d * d)), d = x - shift, channels last."""
+    outer, channels, inner = xs.shape
     s1 = np.zeros(channels)
     s2 = np.zeros(channels)
-    for part in _parts(xs, _virtual(outer, channels)):
+    parts = _parts(xs, _virtual(outer, channels))
+    for i in range(2):
+        part = parts[i]
         if part.shape[0] == 0:
             continue
         width = part.shape[1]
         ahead, four = _row_walk(width)
-        if part.size >= _PARALLEL_MIN_VALUES:
-            a, b = _moments_last_p(part, kind, shift, _rows_per_block(width), ahead, four)
+        if i == 0:
+            a, b = MAIN(part, kind, shift, _rows_per_block(width), ahead, four)
         else:
-            a, b = _moments_last_s(part, kind, shift, _rows_per_block(width), ahead, four)
+            a, b = TAIL(part, kind, shift, _rows_per_block(width), ahead, four)
         s1 += a
         s2 += b
     return s1, s2
 
 
-@njit(cache=True)
-def _grad_sums(dys, xs, kind, mean):
-    """Per-channel (sum(dy), sum(dy * (x - mean))) of canonical storage views."""
+def _sums_first_t(xs, kind, shift):
+    """Per-channel (sum(d), sum(d * d)), d = x - shift, channels first."""
     outer, channels, inner = xs.shape
-    if inner > 1:
-        group = _channel_group(channels, inner)
-        if xs.size >= _PARALLEL_MIN_VALUES:
-            return _grad_sums_first_p(dys, xs, kind, mean, group, _BLOCK_VALUES)
-        return _grad_sums_first_s(dys, xs, kind, mean, group, _BLOCK_VALUES)
+    return MAIN(xs, kind, shift, _channel_group(channels, inner), _BLOCK_VALUES)
+
+
+def _grad_sums_last_t(dys, xs, kind, mean):
+    """Per-channel (sum(dy), sum(dy * (x - mean))), channels last."""
+    outer, channels, inner = xs.shape
     k = _virtual(outer, channels)
     dparts, xparts = _parts(dys, k), _parts(xs, k)
     s1 = np.zeros(channels)
@@ -474,104 +501,149 @@ def _grad_sums(dys, xs, kind, mean):
             continue
         width = x.shape[1]
         ahead = _row_walk(width)[0]
-        if x.size >= _PARALLEL_MIN_VALUES:
-            a, b = _grad_sums_last_p(d, x, kind, mean, _rows_per_block(width), ahead)
+        if i == 0:
+            a, b = MAIN(d, x, kind, mean, _rows_per_block(width), ahead)
         else:
-            a, b = _grad_sums_last_s(d, x, kind, mean, _rows_per_block(width), ahead)
+            a, b = TAIL(d, x, kind, mean, _rows_per_block(width), ahead)
         s1 += a
         s2 += b
     return s1, s2
 
 
-@njit(cache=True)
-def _scale_shift(xs, kind, mean, y_coef, offset, ys):
-    """ys = (x - mean) * y_coef + offset on canonical storage views."""
+def _grad_sums_first_t(dys, xs, kind, mean):
+    """Per-channel (sum(dy), sum(dy * (x - mean))), channels first."""
     outer, channels, inner = xs.shape
-    if inner > 1:
-        group = _channel_group(channels, inner)
-        if xs.size >= _PARALLEL_MIN_VALUES:
-            _scale_shift_first_p(xs, kind, mean, y_coef, offset, group, ys)
-        else:
-            _scale_shift_first_s(xs, kind, mean, y_coef, offset, group, ys)
-        return
+    return MAIN(dys, xs, kind, mean, _channel_group(channels, inner), _BLOCK_VALUES)
+
+
+def _scale_shift_last_t(xs, kind, mean, y_coef, offset, ys):
+    """ys = (x - mean) * y_coef + offset, channels last."""
+    outer, channels, inner = xs.shape
     k = _virtual(outer, channels)
     xparts, yparts = _parts(xs, k), _parts(ys, k)
     for i in range(2):
         x, y = xparts[i], yparts[i]
         if x.shape[0] == 0:
             continue
-        if x.size >= _PARALLEL_MIN_VALUES:
-            _scale_shift_last_p(x, kind, mean, y_coef, offset, _rows_per_block(x.shape[1]), y)
+        if i == 0:
+            MAIN(x, kind, mean, y_coef, offset, _rows_per_block(x.shape[1]), y)
         else:
-            _scale_shift_last_s(x, kind, mean, y_coef, offset, _rows_per_block(x.shape[1]), y)
+            TAIL(x, kind, mean, y_coef, offset, _rows_per_block(x.shape[1]), y)
 
 
-@njit(cache=True)
-def _grad_apply(dys, xs, kind, mean, a, b, c, dxs):
-    """dxs = a*dy + b*(x - mean) + c on canonical storage views."""
+def _scale_shift_first_t(xs, kind, mean, y_coef, offset, ys):
+    """ys = (x - mean) * y_coef + offset, channels first."""
     outer, channels, inner = xs.shape
-    if inner > 1:
-        group = _channel_group(channels, inner)
-        if xs.size >= _PARALLEL_MIN_VALUES:
-            _grad_apply_first_p(dys, xs, kind, mean, a, b, c, group, dxs)
-        else:
-            _grad_apply_first_s(dys, xs, kind, mean, a, b, c, group, dxs)
-        return
+    MAIN(xs, kind, mean, y_coef, offset, _channel_group(channels, inner), ys)
+
+
+def _grad_apply_last_t(dys, xs, kind, mean, a, b, c, dxs):
+    """dxs = a*dy + b*(x - mean) + c, channels last."""
+    outer, channels, inner = xs.shape
     k = _virtual(outer, channels)
     dparts, xparts, oparts = _parts(dys, k), _parts(xs, k), _parts(dxs, k)
     for i in range(2):
         d, x, o = dparts[i], xparts[i], oparts[i]
         if x.shape[0] == 0:
             continue
-        if x.size >= _PARALLEL_MIN_VALUES:
-            _grad_apply_last_p(d, x, kind, mean, a, b, c, _rows_per_block(x.shape[1]), o)
+        if i == 0:
+            MAIN(d, x, kind, mean, a, b, c, _rows_per_block(x.shape[1]), o)
         else:
-            _grad_apply_last_s(d, x, kind, mean, a, b, c, _rows_per_block(x.shape[1]), o)
+            TAIL(d, x, kind, mean, a, b, c, _rows_per_block(x.shape[1]), o)
 
 
-@njit(cache=True)
-def _first_values(xs, kind):
-    """x[0, c, 0] per channel, as float64: the shift of the one-pass moments."""
-    shift = np.empty(xs.shape[1])
-    for c in range(xs.shape[1]):
-        shift[c] = decode(xs[0, c, 0], kind)
-    return shift
+def _grad_apply_first_t(dys, xs, kind, mean, a, b, c, dxs):
+    """dxs = a*dy + b*(x - mean) + c, channels first."""
+    outer, channels, inner = xs.shape
+    MAIN(dys, xs, kind, mean, a, b, c, _channel_group(channels, inner), dxs)
 
 
-@njit(cache=True)
-def _training(xs, kind, scale, offset, epsilon, ys):
-    """The training forward pass in one call: moments, the equations, then y.  Returns
-    (mean, biased variance, done); done is False, and y unwritten, when a statistic is not
-    finite (NaN/Inf in x), which the caller hands to moments()."""
+# -- the ops, one compiled call each; the maths between the passes is refbn.reference's ---------
+def _moments_t(xs, kind):
+    """Per-channel mean and biased variance: one shifted pass, two plain passes for any channel
+    whose statistics come out non-finite."""
     outer, channels, inner = xs.shape
     shift = _first_values(xs, kind)
-    s1, s2 = _moments_sums(xs, kind, shift)
+    s1, s2 = SUMS(xs, kind, shift)
     mean, var = _shifted_moments(shift, s1, s2, outer * inner)
-    if not np.isfinite(mean + var).all():
-        return mean, var, False
-    _scale_shift(xs, kind, mean, _y_coefficient(scale, _inv_std(var, epsilon)), offset, ys)
-    return mean, var, True
+    for c in range(channels):
+        if not np.isfinite(mean[c] + var[c]):
+            m, v = _two_pass_channel(xs, kind, c)
+            mean[c] = m
+            var[c] = v
+    return mean, var
 
 
-@njit(cache=True)
-def _inference(xs, kind, scale, offset, mean, variance, epsilon, ys):
-    """The inference forward pass in one call: the equations, then y."""
-    _scale_shift(xs, kind, mean, _y_coefficient(scale, _inv_std(variance, epsilon)), offset, ys)
+def _training_t(xs, kind, scale, offset, epsilon, ys):
+    """The training forward pass: the moments, then y; returns (mean, biased variance)."""
+    mean, var = MOMENTS(xs, kind)
+    SCALE_SHIFT(xs, kind, mean, _y_coefficient(scale, _inv_std(var, epsilon)), offset, ys)
+    return mean, var
 
 
-@njit(cache=True)
-def _gradient(dys, xs, kind, scale, mean, variance, epsilon, is_training, dxs):
-    """The backward pass in one call: the sums, the equations, then dx; returns (dgamma, dbeta)."""
+def _inference_t(xs, kind, scale, offset, mean, variance, epsilon, ys):
+    """The inference forward pass: y from the given statistics."""
+    SCALE_SHIFT(xs, kind, mean, _y_coefficient(scale, _inv_std(variance, epsilon)), offset, ys)
+
+
+def _gradient_t(dys, xs, kind, scale, mean, variance, epsilon, is_training, dxs):
+    """The backward pass: the sums, the coefficients, then dx; returns (dscale, doffset)."""
     outer, channels, inner = xs.shape
-    sum_dy, sum_dy_xc = _grad_sums(dys, xs, kind, mean)
-    coefs = _backward_coefficients(sum_dy, sum_dy_xc, outer * inner, scale, _inv_std(variance, epsilon),
-                                   is_training)
-    _grad_apply(dys, xs, kind, mean, coefs.dx_coef_dy, coefs.dx_coef_xc, coefs.dx_coef_0, dxs)
-    return coefs.dgamma, coefs.dbeta
+    sum_dy, sum_dy_xc = GRAD_SUMS(dys, xs, kind, mean)
+    a, b, c, dscale, doffset = _backward_coefficients(sum_dy, sum_dy_xc, outer * inner, scale,
+                                                      _inv_std(variance, epsilon), is_training)
+    GRAD_APPLY(dys, xs, kind, mean, a, b, c, dxs)
+    return dscale, doffset
+
+
+def _variant(template, suffix, **bindings):
+    """``template`` compiled (lazily, cached on disk) with its placeholder globals bound.  A copy
+    under its own name: numba's cache tells functions apart by qualified name."""
+    glb = dict(globals(), **bindings)
+    fn = types.FunctionType(template.__code__, glb, template.__name__[:-2] + "_" + suffix,
+                            template.__defaults__, template.__closure__)
+    fn.__qualname__ = template.__qualname__[:-2] + "_" + suffix
+    fn.__doc__ = template.__doc__
+    return njit(cache=True)(fn)
+
+
+def _build_ops():
+    """The dispatch table: (op, family, build) -> compiled driver.  family: 'last' (inner == 1)
+    or 'first'; build: 'p' (parallel main pass) or 's' (serial).  A channels-last remainder of
+    fewer than k rows (see _parts) always takes the serial build."""
+    table = {}
+    for b in ("p", "s"):
+        pick = (lambda k: k.parallel) if b == "p" else (lambda k: k.serial)
+        for fam, (sums, gsums, shift, gapply) in {
+                "last": (_sums_last_t, _grad_sums_last_t, _scale_shift_last_t, _grad_apply_last_t),
+                "first": (_sums_first_t, _grad_sums_first_t, _scale_shift_first_t, _grad_apply_first_t)}.items():
+            k = {"sums": _moments_last, "gsums": _grad_sums_last, "shift": _scale_shift_last,
+                 "gapply": _grad_apply_last} if fam == "last" else \
+                {"sums": _moments_first, "gsums": _grad_sums_first, "shift": _scale_shift_first,
+                 "gapply": _grad_apply_first}
+            tag = f"{fam}_{b}"
+            s = _variant(sums, tag, MAIN=pick(k["sums"]), TAIL=k["sums"].serial)
+            g = _variant(gsums, tag, MAIN=pick(k["gsums"]), TAIL=k["gsums"].serial)
+            y = _variant(shift, tag, MAIN=pick(k["shift"]), TAIL=k["shift"].serial)
+            d = _variant(gapply, tag, MAIN=pick(k["gapply"]), TAIL=k["gapply"].serial)
+            m = _variant(_moments_t, tag, SUMS=s)
+            table["moments", fam, b] = m
+            table["training", fam, b] = _variant(_training_t, tag, MOMENTS=m, SCALE_SHIFT=y)
+            table["inference", fam, b] = _variant(_inference_t, tag, SCALE_SHIFT=y)
+            table["backward", fam, b] = _variant(_gradient_t, tag, GRAD_SUMS=g, GRAD_APPLY=d)
+    return table
+
+
+OPS = _build_ops()
+
+
+def driver(op, x3):
+    """The compiled driver of ``op`` for this array's layout family and size."""
+    return OPS[op, "first" if x3.shape[2] > 1 else "last", "p" if x3.size >= _PARALLEL_MIN_VALUES else "s"]
 
 
 # ----------------------------------------------------------------------------------------------
-# the backend interface
+# the backend interface (see refbn.backends): whole ops on canonical views
 # ----------------------------------------------------------------------------------------------
 def _f64c(v):
     return np.ascontiguousarray(v, dtype=np.float64)
@@ -582,59 +654,23 @@ def _output(x3, out3):
 
 
 def moments(x3):
-    """Per-channel mean and biased variance from one shifted pass (see the module docstring)."""
-    outer, channels, inner = x3.shape
-    shift = np.asarray(x3[0, :, 0], dtype=np.float64)
+    """Per-channel mean and biased variance (NaN for an empty x)."""
     if x3.size == 0:
-        sum_d, sum_d2 = np.zeros(channels), np.zeros(channels)
-    else:
-        xs, kind = storage(x3)
-        sum_d, sum_d2 = _moments_sums(xs, kind, shift)
-    with np.errstate(invalid="ignore", over="ignore"):
-        mean, var = eq.shifted_moments(shift, sum_d, sum_d2, outer * inner)
-    bad = ~np.isfinite(mean + var)
-    if bad.any():   # NaN/Inf in x: let the reference decide where they go
-        mean[bad], var[bad] = numpy_ref.moments(np.ascontiguousarray(x3[:, bad, :]))
-    return mean, var
-
-
-def scale_shift(x3, mean, y_coef, offset, out3=None):
-    """y = (x - mean) * y_coef + offset."""
-    y3 = _output(x3, out3)
-    if x3.size:
-        xs, kind = storage(x3)
-        _scale_shift(xs, kind, _f64c(mean), _f64c(y_coef), _f64c(offset), storage(y3)[0])
-    return y3
-
-
-def grad_sums(dy3, x3, mean):
-    """sum(dy) and sum(dy * (x - mean)) per channel."""
-    if x3.size == 0:
-        return np.zeros(x3.shape[1]), np.zeros(x3.shape[1])
+        nan = np.full(x3.shape[1], np.nan)
+        return nan, nan.copy()
     xs, kind = storage(x3)
-    return _grad_sums(storage(dy3)[0], xs, kind, _f64c(mean))
+    return driver("moments", x3)(xs, kind)
 
 
-def grad_apply(dy3, x3, mean, coefs, out3=None):
-    """dx = a*dy + b*(x - mean) + c."""
-    dx3 = _output(x3, out3)
-    if x3.size:
-        xs, kind = storage(x3)
-        _grad_apply(storage(dy3)[0], xs, kind, _f64c(mean), _f64c(coefs.dx_coef_dy), _f64c(coefs.dx_coef_xc),
-                    _f64c(coefs.dx_coef_0), storage(dx3)[0])
-    return dx3
-
-
-# One call per op (see refbn.backends): the same steps as refbn.core's composition of the four
-# functions above, in compiled code.  Each returns None where the composition must run instead.
 def forward_training(x3, scale, offset, epsilon, out3=None):
-    """(y3, mean, biased variance) of the training forward pass, or None (empty or non-finite x)."""
-    if x3.size == 0:
-        return None
+    """(y3, mean, biased variance) of the training forward pass (x3 has at least one value per
+    channel: the validation refuses an empty training batch)."""
     y3 = _output(x3, out3)
+    if x3.shape[1] == 0:
+        return y3, np.zeros(0), np.zeros(0)
     xs, kind = storage(x3)
-    mean, var, done = _training(xs, kind, _f64c(scale), _f64c(offset), float(epsilon), storage(y3)[0])
-    return (y3, mean, var) if done else None
+    mean, var = driver("training", x3)(xs, kind, _f64c(scale), _f64c(offset), float(epsilon), storage(y3)[0])
+    return y3, mean, var
 
 
 def forward_inference(x3, scale, offset, mean, variance, epsilon, out3=None):
@@ -642,17 +678,17 @@ def forward_inference(x3, scale, offset, mean, variance, epsilon, out3=None):
     y3 = _output(x3, out3)
     if x3.size:
         xs, kind = storage(x3)
-        _inference(xs, kind, _f64c(scale), _f64c(offset), _f64c(mean), _f64c(variance), float(epsilon),
-                   storage(y3)[0])
+        driver("inference", x3)(xs, kind, _f64c(scale), _f64c(offset), _f64c(mean), _f64c(variance),
+                                float(epsilon), storage(y3)[0])
     return y3
 
 
 def backward(dy3, x3, scale, mean, variance, epsilon, is_training, out3=None):
-    """(dx3, dgamma, dbeta) of the backward pass, or None (empty x)."""
-    if x3.size == 0:
-        return None
+    """(dx3, dscale, doffset) of the backward pass."""
     dx3 = _output(x3, out3)
+    if x3.size == 0:
+        return dx3, np.zeros(x3.shape[1]), np.zeros(x3.shape[1])
     xs, kind = storage(x3)
-    dgamma, dbeta = _gradient(storage(dy3)[0], xs, kind, _f64c(scale), _f64c(mean), _f64c(variance),
-                              float(epsilon), bool(is_training), storage(dx3)[0])
-    return dx3, dgamma, dbeta
+    dscale, doffset = driver("backward", x3)(storage(dy3)[0], xs, kind, _f64c(scale), _f64c(mean),
+                                             _f64c(variance), float(epsilon), bool(is_training), storage(dx3)[0])
+    return dx3, dscale, doffset

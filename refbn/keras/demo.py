@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from .. import equations as eq
+from .. import convergence as conv, reference as ref
 from ..layer import BatchNorm
 from .diagnose_cli import missing_dependency
 
@@ -145,7 +145,7 @@ def explain_layers(model, layers, x, tolerance):
         ref.set_weights([ones, zeros, mm, mv])
         xhat_infer_same = ref(xt, training=False)     # same input, moving statistics
         local = float(np.sqrt(np.mean((xhat_infer_same - xhat_train) ** 2)))
-        closed = float(np.sqrt(np.mean(eq.normalized_error_ms(bmean, bvar, mm, mv, eps))))
+        closed = float(np.sqrt(np.mean(conv.normalized_error_ms(bmean, bvar, mm, mv, eps))))
         # refbn reproduces Keras' own outputs in both modes
         chk = BatchNorm(axis=layer.axis, momentum=m, epsilon=eps, channels=C, dtype="float64")
         chk.set_weights([gamma, beta, mm, mv])
@@ -158,8 +158,8 @@ def explain_layers(model, layers, x, tolerance):
         drift = float(np.sqrt(np.mean((xi.astype(np.float64) - xt) ** 2))) / rms_t
         init_mean, init_var = initial_values(layer)
         std = np.sqrt(bvar + eps)
-        need = max(float(np.max(eq.steps_to_within(m, init_mean, bmean, tolerance * std))),
-                   float(np.max(eq.steps_to_within(m, init_var, bvar, tolerance * (bvar + eps)))))
+        need = max(float(np.max(conv.steps_to_within(m, init_mean, bmean, tolerance * std))),
+                   float(np.max(conv.steps_to_within(m, init_var, bvar, tolerance * (bvar + eps)))))
         rows.append(dict(index=k, name=layer.name, channels=C, n=int(np.asarray(xt).size // C),
                          batch_mean=float(np.mean(bmean)), moving_mean=float(np.mean(mm)),
                          batch_var=float(np.median(bvar)), moving_var=float(np.median(mv)),
@@ -179,7 +179,7 @@ def plot_moving(path, rows, layers, recorder, steps, tolerance):
     picks = sorted({0, len(rows) // 2, len(rows) - 1})
     fig, axes = plt.subplots(2, len(picks), figsize=(4.6 * len(picks), 7), squeeze=False)
     m = rows[0]["momentum"]
-    horizon = int(max(eq.steps_to_converge(m, tolerance) * 1.5, 50)) if 0 < m < 1 else 50
+    horizon = int(max(conv.steps_to_converge(m, tolerance) * 1.5, 50)) if 0 < m < 1 else 50
     t = np.arange(0, horizon + 1)
     for col, k in enumerate(picks):
         layer, r = layers[k], rows[k]
@@ -192,7 +192,7 @@ def plot_moving(path, rows, layers, recorder, steps, tolerance):
             v = np.full_like(target, init)
             traj = [float(np.mean(v))]
             for _ in t[1:]:
-                v = eq.moving_average(v, target, 1.0 - mk)
+                v = ref.moving_average(v, target, 1.0 - mk)
                 traj.append(float(np.mean(v)))
             ax = axes[row][col]
             ax.plot(t[1:], traj[1:], label=f"refbn: momentum {mk:g}, fed the final batch statistic")
@@ -201,7 +201,7 @@ def plot_moving(path, rows, layers, recorder, steps, tolerance):
             ax.plot(np.arange(1, len(kt) + 1), kt, "o", color="C3",
                     label="Keras during fit (its batches changed as the weights did)")
             ax.axvline(steps, color="C3", lw=0.8, ls=":")
-            need = eq.steps_to_converge(mk, tolerance)
+            need = conv.steps_to_converge(mk, tolerance)
             if np.isfinite(need):
                 ax.axvline(need, color="C2", lw=0.8, ls=":", label=f"{mk:g}^t < {tolerance:g}: t = {need}")
             ax.set_xscale("log")
@@ -332,8 +332,8 @@ def main(args):
 
     # 2. explain --------------------------------------------------------------------
     m = float(layers[0].momentum)
-    w = eq.initial_weight_after([1.0 - m] * steps)
-    need = eq.steps_to_converge(m, args.tolerance)
+    w = conv.initial_weight_after([1.0 - m] * steps)
+    need = conv.steps_to_converge(m, args.tolerance)
     say(f"\n[bold]Why[/bold]: in training mode each BatchNormalization layer normalises with the batch's own "
         f"statistics; predict/evaluate use moving_mean/moving_variance, which started at 0 and 1 and "
         f"moved {1 - m:g} of the way to the batch statistic per step. After {steps} steps the initial values "

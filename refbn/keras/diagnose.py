@@ -11,7 +11,7 @@ For each layer the report gives
   * variance ratio: (moving_variance + eps) / (variance + eps), median and range over channels;
   * output error: the root-mean-square, over the data and the channels, of the difference
     between the normalised output computed with the moving statistics and with the data's
-    statistics, in standard deviations (:func:`refbn.equations.normalized_error_ms`);
+    statistics, in standard deviations (:func:`refbn.convergence.normalized_error_ms`);
     0.5 means the layer's output is off by half a standard deviation;
   * momentum, the step count (the optimizer's ``iterations``, or given), the weight the
     initial values still hold (momentum**steps), and the weight implied by the statistics;
@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .. import equations as eq
+from .. import convergence as conv
 from . import capture as cap
 from .recalibrate import _rows, _select, batches, initial_values, recalibrate, training_steps
 
@@ -273,13 +273,13 @@ def diagnose(model, data, y=None, batch_size=32, steps=None, tolerance=0.1, conv
         eps = float(layer.epsilon)
         init_mean, init_var = initial_values(layer)
         std = np.sqrt(s.variance + eps)
-        ms = eq.normalized_error_ms(s.mean, s.variance, s.old_mean, s.old_variance, eps)
+        ms = conv.normalized_error_ms(s.mean, s.variance, s.old_mean, s.old_variance, eps)
         ratio = (s.old_variance + eps) / (s.variance + eps)
-        w_steps = None if steps is None else eq.initial_weight_after([1.0 - m] * int(steps))
+        w_steps = None if steps is None else conv.initial_weight_after([1.0 - m] * int(steps))
         big = np.abs(init_var - s.variance) > 0.1 * np.maximum(abs(init_var), s.variance)
-        implied = _median(eq.implied_initial_weight(s.old_variance[big], init_var, s.variance[big])) \
+        implied = _median(conv.implied_initial_weight(s.old_variance[big], init_var, s.variance[big])) \
             if big.any() else None
-        need = eq.steps_to_converge(m, convergence)
+        need = conv.steps_to_converge(m, convergence)
         r = LayerReport(
             index=k, name=layer.name, channels=int(s.mean.shape[0]), momentum=m, epsilon=eps,
             trainable=bool(layer.trainable), count=int(s.moments.count),

@@ -7,7 +7,7 @@ statistics of layer k are measured only after every earlier layer's statistics
 were replaced, so each layer sees the inputs it will see at inference time.
 Every batch is summarised by per-channel (count, mean, M2) from refbn's float64
 reference ``moments`` and the batches are merged exactly with Chan's parallel
-formula (:func:`refbn.equations.chan_merge`), so the result does not depend on
+formula (:func:`refbn.stats.chan_merge`), so the result does not depend on
 the batch size.  (Averaging per-batch variances, as most "precise BN" tools do,
 drops the spread of the batch means and underestimates the variance.)
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import equations as eq
+from .. import convergence as conv
 from ..stats import Moments
 from . import capture as cap
 from ._backend import keras
@@ -312,10 +312,10 @@ def debias(model, steps=None, layers=None):
         if not layer.trainable:
             continue
         init_mean, init_var = initial_values(layer)
-        w = eq.initial_weight_after([1.0 - layer.momentum] * int(steps))
+        w = conv.initial_weight_after([1.0 - layer.momentum] * int(steps))
         old_m, old_v = (cap.to_numpy(v).astype(np.float64) for v in (layer.moving_mean, layer.moving_variance))
-        mean = eq.debias(old_m, init_mean, w)
-        var = eq.debias(old_v, init_var, w)
+        mean = conv.debias(old_m, init_mean, w)
+        var = conv.debias(old_v, init_var, w)
         clipped = int(np.sum(var < 0))
         var = np.maximum(var, 0.0)
         cap.write_statistics(layer, mean, var)
