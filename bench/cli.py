@@ -192,8 +192,10 @@ def _jit_stats():
     for name, k in vars(nk).items():
         if isinstance(k, nk._Kernel):
             dispatchers.update({f"{name}.serial": k.serial, f"{name}.parallel": k.parallel})
-        elif isinstance(k, Dispatcher) and k not in dispatchers.values():   # the compiled glue and drivers
+        elif isinstance(k, Dispatcher) and k not in dispatchers.values():   # the compiled helpers
             dispatchers[name] = k
+    for (op, family, build), d in nk.OPS.items():                           # the drivers of the ops
+        dispatchers[f"{op}.{family}.{build}"] = d
     stats = {}
     for name, d in dispatchers.items():
         if d.signatures:

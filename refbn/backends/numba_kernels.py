@@ -114,7 +114,7 @@ def _kernel(fastmath):
 # ----------------------------------------------------------------------------------------------
 # kernels on (rows, width) matrices: channels last, width = copies * C virtual channels
 # ----------------------------------------------------------------------------------------------
-@njit(cache=True)
+@njit(inline="always")
 def _zeros_aligned(n):
     """n float64 zeros starting on a 64-byte boundary (whole-vector loads and stores)."""
     buf = np.zeros(n + 8)
@@ -122,7 +122,7 @@ def _zeros_aligned(n):
     return buf[start:start + n]
 
 
-@njit(cache=True)
+@njit(inline="always")
 def _tiled(v, width):
     """v (one value per channel) repeated along ``width`` virtual channels."""
     out = np.empty(width)
@@ -131,7 +131,7 @@ def _tiled(v, width):
     return out
 
 
-@njit(cache=True)
+@njit(inline="always")
 def _fold(partial, channels):
     """Per-channel totals of per-block partial sums over ``copies * channels`` virtual channels."""
     total = np.zeros(channels)
@@ -259,7 +259,7 @@ def _grad_apply_last(dy, x, kind, mean, a, b_, c_, rows, dx):
 # ----------------------------------------------------------------------------------------------
 # kernels on (N, C, inner) arrays: channels first; work item = (n, c, chunk of the plane)
 # ----------------------------------------------------------------------------------------------
-@njit(cache=True)
+@njit(inline="always")
 def _fold_planes(partial):
     """Per-channel totals of (outer, C, chunks) partial sums."""
     outer, channels, chunks = partial.shape
@@ -382,7 +382,7 @@ def _grad_apply_first(dy, x, kind, mean, a, b_, c_, group, dx):
 # (serial) call never compiles a parallel one.  Compiled (not Python) so that a whole op is one
 # call: the Python glue it replaces cost ~0.15-0.25 ms per call with cold caches.
 # ----------------------------------------------------------------------------------------------
-@njit(cache=True)
+@njit(inline="always")
 def _virtual(rows, channels):
     """k such that a (rows, C) matrix is processed as (rows/k, k*C); 1 when C is wide enough."""
     if channels >= _MIN_VIRTUAL_CHANNELS:
@@ -390,7 +390,7 @@ def _virtual(rows, channels):
     return max(1, min(rows, -(-_MIN_VIRTUAL_CHANNELS // channels)))
 
 
-@njit(cache=True)
+@njit(inline="always")
 def _parts(a3, k):
     """A channels-last (rows, C, 1) array as its first rows - rows % k rows viewed as
     (rows/k, k*C), and the remaining rows as (rows % k, C); either may have no rows."""
@@ -400,21 +400,21 @@ def _parts(a3, k):
     return a2[:main].reshape(main // k, k * channels), a2[main:]
 
 
-@njit(cache=True)
+@njit(inline="always")
 def _channel_group(channels, inner):
     """Planes per channels-first work item: ~16K values, so that short planes (7x7) do not
     pay a work item's fixed cost each."""
     return min(channels, max(1, (1 << 14) // inner))
 
 
-@njit(cache=True)
+@njit(inline="always")
 def _rows_per_block(width):
     """Rows per block: _BLOCK_VALUES values, and at least 256 rows, so that a block's fixed costs
     (its running sums, of one value per virtual channel) stay small next to its work."""
     return max(256, _BLOCK_VALUES // max(1, width))
 
 
-@njit(cache=True)
+@njit(inline="always")
 def _row_walk(width):
     """(prefetch distance in bytes, four rows per step?) for channels-last reductions: narrow
     rows prefetch and take four rows per step, wide rows (> _NARROW_WIDTH) neither, as measured
@@ -423,7 +423,7 @@ def _row_walk(width):
     return (_PREFETCH_BYTES if narrow else 0), narrow
 
 
-@njit(cache=True)
+@njit(inline="always")
 def _first_values(xs, kind):
     """x[0, c, 0] per channel, as float64: the shift of the one-pass moments."""
     shift = np.empty(xs.shape[1])
@@ -432,7 +432,7 @@ def _first_values(xs, kind):
     return shift
 
 
-@njit(cache=True)
+@njit(inline="always")
 def _shifted_moments(shift, sum_d, sum_d2, n):
     """Mean and biased variance from one pass of sums of d = x - shift (per channel):
     mean = shift + sum(d)/n, var = sum(d^2)/n - (sum(d)/n)^2 (clipped at 0).  With the shift one
@@ -442,7 +442,7 @@ def _shifted_moments(shift, sum_d, sum_d2, n):
     return shift + m1, np.maximum(sum_d2 / n - m1 * m1, 0.0)
 
 
-@njit(cache=True)
+@njit(inline="always")
 def _two_pass_channel(xs, kind, c):
     """Channel c's mean and biased variance in two plain passes: what the reference computes,
     for a channel whose one-pass statistics are not finite (NaN/Inf in x), so that NaN and Inf
@@ -596,15 +596,17 @@ def _gradient_t(dys, xs, kind, scale, mean, variance, epsilon, is_training, dxs)
     return dscale, doffset
 
 
-def _variant(template, suffix, **bindings):
+def _variant(template, suffix, inline=False, **bindings):
     """``template`` compiled (lazily, cached on disk) with its placeholder globals bound.  A copy
-    under its own name: numba's cache tells functions apart by qualified name."""
+    under its own name: numba's cache tells functions apart by qualified name.  ``inline``: the
+    pass helpers are inlined into the op drivers (numba re-optimises every callee's code at each
+    level of calls, so a flat driver compiles several times faster)."""
     glb = dict(globals(), **bindings)
     fn = types.FunctionType(template.__code__, glb, template.__name__[:-2] + "_" + suffix,
                             template.__defaults__, template.__closure__)
     fn.__qualname__ = template.__qualname__[:-2] + "_" + suffix
     fn.__doc__ = template.__doc__
-    return njit(cache=True)(fn)
+    return njit(inline="always")(fn) if inline else njit(cache=True)(fn)
 
 
 def _build_ops():
@@ -622,12 +624,12 @@ def _build_ops():
                 {"sums": _moments_first, "gsums": _grad_sums_first, "shift": _scale_shift_first,
                  "gapply": _grad_apply_first}
             tag = f"{fam}_{b}"
-            s = _variant(sums, tag, MAIN=pick(k["sums"]), TAIL=k["sums"].serial)
-            g = _variant(gsums, tag, MAIN=pick(k["gsums"]), TAIL=k["gsums"].serial)
-            y = _variant(shift, tag, MAIN=pick(k["shift"]), TAIL=k["shift"].serial)
-            d = _variant(gapply, tag, MAIN=pick(k["gapply"]), TAIL=k["gapply"].serial)
-            m = _variant(_moments_t, tag, SUMS=s)
-            table["moments", fam, b] = m
+            s = _variant(sums, tag, True, MAIN=pick(k["sums"]), TAIL=k["sums"].serial)
+            g = _variant(gsums, tag, True, MAIN=pick(k["gsums"]), TAIL=k["gsums"].serial)
+            y = _variant(shift, tag, True, MAIN=pick(k["shift"]), TAIL=k["shift"].serial)
+            d = _variant(gapply, tag, True, MAIN=pick(k["gapply"]), TAIL=k["gapply"].serial)
+            table["moments", fam, b] = _variant(_moments_t, tag, SUMS=s)
+            m = _variant(_moments_t, tag + "_inl", True, SUMS=s)
             table["training", fam, b] = _variant(_training_t, tag, MOMENTS=m, SCALE_SHIFT=y)
             table["inference", fam, b] = _variant(_inference_t, tag, SCALE_SHIFT=y)
             table["backward", fam, b] = _variant(_gradient_t, tag, GRAD_SUMS=g, GRAD_APPLY=d)
