@@ -322,8 +322,8 @@ def replay(case, xs_per_step, backend="numpy", method="keras_sync"):
             if layout.count:
                 dy = np.sin(x.astype(np.float64)).astype(x.dtype)  # TF: tf.sin(x) in float32
                 dy64, xc = dy.astype(np.float64), x.astype(np.float64) - layout.broadcastable(mean)
-                axes = layout.reduction_axes
-                sum_dy, sum_dy_xc = sum_dy + dy64.sum(axis=axes), sum_dy_xc + (dy64 * xc).sum(axis=axes)
+                sum_dy = sum_dy + ref.channel_sum(dy64, layout.axis)
+                sum_dy_xc = sum_dy_xc + ref.channel_sum(dy64 * xc, layout.axis)
         n = sum(s.count for s in shards)
         *_, dgamma, dbeta = ref.backward_coefficients(sum_dy, sum_dy_xc, n, gamma, istd, True)
         decay = 1.0 - MOMENTUM

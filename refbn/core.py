@@ -92,8 +92,13 @@ def _trace_training(tr, x, layout, scale, offset, epsilon, y):
     t("bessel_factor", bessel, s, "n / max(n - 1, 1)")
     t("unbiased_variance", var * bessel, s, "var * bessel_factor   (TF's batch_variance output)")
     t("epsilon", epsilon, s, "added to the variance before the square root")
-    t("inv_std", istd, s, "1 / sqrt(var + epsilon)")
-    t("x_hat", xc * layout.broadcastable(istd), s, "(x - mean) * inv_std")
+    _trace_normalised(t, s, layout, xc, istd, scale, offset, y, "mean", "var")
+
+
+def _trace_normalised(t, s, layout, xc, istd, scale, offset, y, mean_name, var_name):
+    """The steps both forward modes share, from inv_std to y."""
+    t("inv_std", istd, s, f"1 / sqrt({var_name} + epsilon)")
+    t("x_hat", xc * layout.broadcastable(istd), s, f"(x - {mean_name}) * inv_std")
     t("scale", scale, s, "gamma")
     t("offset", offset, s, "beta")
     t("y", y, s, "x_hat * scale + offset   (the backend's output)")
@@ -108,11 +113,7 @@ def _trace_inference(tr, x, layout, scale, offset, mean, variance, epsilon, y):
     t("moving_variance", variance, s, "the variance used (not computed from x)")
     t("epsilon", epsilon, s, "added to the variance before the square root")
     t("x_centered", xc, s, "x - moving_mean")
-    t("inv_std", istd, s, "1 / sqrt(moving_variance + epsilon)")
-    t("x_hat", xc * layout.broadcastable(istd), s, "(x - moving_mean) * inv_std")
-    t("scale", scale, s, "gamma")
-    t("offset", offset, s, "beta")
-    t("y", y, s, "x_hat * scale + offset   (the backend's output)")
+    _trace_normalised(t, s, layout, xc, istd, scale, offset, y, "moving_mean", "moving_variance")
 
 
 def _trace_backward(tr, dy, x, layout, scale, mean, variance, epsilon, is_training, dx, dscale, doffset):

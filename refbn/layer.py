@@ -193,9 +193,9 @@ class BatchNorm:
             raise TypeError(f"dy: expected the dtype of the last forward call's x ({x.dtype.name}), "
                             f"got {dy.dtype.name}")
         kernel, want_trace = core.check_backend_and_trace(self.backend, trace)
-        self._state(layout, True)
+        gamma, _ = self._state(layout, True)
         tr = core.new_trace("BatchNorm.backward", want_trace, layout, convention=self.convention, training=training)
-        dx, dgamma, dbeta = core.backward(dy, x, layout, self.gamma.astype(np.float64), mean, var,
+        dx, dgamma, dbeta = core.backward(dy, x, layout, gamma, mean, var,
                                           self.epsilon, training, kernel, trace=tr)
         self.dgamma, self.dbeta = dgamma.astype(self.dtype), dbeta.astype(self.dtype)
         return (dx, tr) if want_trace else dx

@@ -17,7 +17,7 @@ def test_four_values_by_hand():
     x = np.array([[1.0], [2.0], [3.0], [4.0]])
     y, mean, var = ref.forward_training(x, [2.0], [1.0], EPS, axis=1)
     assert mean.tolist() == [2.5] and var.tolist() == [1.25]
-    assert var[0] * ref.bessel_factor(4) == pytest.approx(5 / 3, rel=0, abs=2 ** -50)
+    assert_close(var * ref.bessel_factor(4), [5 / 3], "batch_variance", np.float64)
     want = (np.array([-1.5, -0.5, 0.5, 1.5]) * 2 / np.sqrt(1.5) + 1)[:, None]
     assert_close(y, want, "y", np.float64)
     # inference with mean 0, variance 3/4: y = x * 2 / sqrt(1) + 1
@@ -37,13 +37,14 @@ def test_gradient_of_four_values_by_hand():
     assert_close(dx[:, 0], want, "x_backprop", np.float64)
     assert_close(ds, [-1.5 * r], "scale_backprop", np.float64)
     assert do.tolist() == [1.0]
-    assert abs(dx.sum()) < 1e-15    # the training gradient sums to 0 (mean(dy) is taken out)
+    # the training gradient sums to 0 (mean(dy) is taken out), to round-off of its terms
+    assert_close(dx.sum(), 0.0, "x_backprop", np.float64, scale=float(np.abs(dx).sum()))
     dx, ds, do = ref.backward(dy, x, [2.0], [0.0], [0.75], EPS, False, 1)
     assert dx[:, 0].tolist() == [2.0, 0.0, 0.0, 0.0] and do.tolist() == [1.0]
 
 
 def test_moving_average_and_bessel_by_hand():
-    assert ref.moving_average(0.0, 10.0, 0.01) == pytest.approx(0.1, rel=0, abs=2 ** -55)
+    assert_close(ref.moving_average(0.0, 10.0, 0.01), 0.1, "moving_mean", np.float64)
     assert ref.moving_average(1.0, 5.0, 0.5) == 3.0
     assert ref.moving_average(np.inf, 1.0, 0.5) == np.inf       # not inf - inf
     assert ref.moving_average(2.0, 7.0, 1.0) == 7.0 and ref.moving_average(2.0, 7.0, 0.0) == 2.0

@@ -161,8 +161,8 @@ def prefetch(typingctx, array, offset):
 
 # -- the compiled cache follows the maths ------------------------------------------------------
 def maths_stamp(modules):
-    """A hash of the source files the kernels compile from (the kernel file itself, the maths'
-    home refbn.reference, this module)."""
+    """A hash of the source files of ``modules``: those the kernels compile from besides their
+    own file (whose stamp numba already checks): refbn.reference and this module."""
     import hashlib
     h = hashlib.sha256()
     for m in modules:
@@ -192,7 +192,7 @@ def install_cache_locator(kernel_file, stamp):
             if os.path.realpath(py_file) != kernel_file:
                 return None
             for other in caching.CacheImpl._locator_classes:
-                if other is cls or isinstance(other, type) and issubclass(other, MathsStampLocator):
+                if other is cls:
                     continue
                 loc = other.from_function(py_func, py_file)
                 if loc is not None:
