@@ -15,9 +15,17 @@ setup(
     install_requires=["numpy>=1.24", "numba>=0.59", "ml_dtypes>=0.3", "rich>=13"],
     extras_require={
         "plot": ["matplotlib>=3.7"],
-        "tf": ["tensorflow-cpu>=2.16", "keras>=3.0"],
+        "tf": ["tensorflow-cpu>=2.16", "keras>=3.0", "tf-keras>=2.16"],
+        # torch==2.13.0 exactly: the CPU build these machines keep on disk; plain "torch"
+        # (or a range admitting a newer release) pulls a CUDA build of several GB.
+        "torch": ["torch==2.13.0"],
+        "jax": ["jax>=0.4.30", "flax>=0.10"],
+        "onnx": ["onnxruntime>=1.18", "onnx>=1.16"],
+        "tutorial": ["matplotlib>=3.7", "nbclient>=0.10", "ipykernel>=6", "nbconvert>=7"],
         "test": ["pytest>=7", "hypothesis>=6"],
-        "all": ["matplotlib>=3.7", "tensorflow-cpu>=2.16", "keras>=3.0", "pytest>=7", "hypothesis>=6"],
+        "all": ["matplotlib>=3.7", "tensorflow-cpu>=2.16", "keras>=3.0", "tf-keras>=2.16", "torch==2.13.0",
+                "jax>=0.4.30", "flax>=0.10", "onnxruntime>=1.18", "onnx>=1.16", "nbclient>=0.10",
+                "ipykernel>=6", "nbconvert>=7", "pytest>=7", "hypothesis>=6"],
     },
     entry_points={"console_scripts": ["refbn=refbn.cli:main"]},
 )
