@@ -22,41 +22,59 @@ def _f64(a):
     return np.asarray(a, dtype=np.float64)
 
 
-def _out3(out, layout, dtype, name="out"):
+def _out3(out, layout, dtype, inputs, name="out"):
+    """(buffer for the kernel, buffer to copy the result into afterwards).
+
+    An ``out`` that shares memory with an input (x itself, or x shifted by a row in a larger
+    buffer) would be read after it was written: the kernel then writes a fresh array, and
+    the result is copied into ``out`` once it is complete, as numpy's ufuncs do."""
     out = validate.out_array(out, layout.shape, dtype, name)
-    return None if out is None else out.reshape(layout.shape3)
+    if out is None:
+        return None, None
+    if any(np.may_share_memory(out, a) for a in inputs):
+        return None, out
+    return out.reshape(layout.shape3), None
+
+
+def _finish(result, copy_into):
+    if copy_into is None:
+        return result
+    np.copyto(copy_into, result)
+    return copy_into
 
 
 def forward_training(x, layout, scale, offset, epsilon, kernel, out=None, trace=None):
     """Batch statistics and y; returns (y, mean, biased_variance) with float64 statistics."""
-    y3, mean, var = kernel.forward_training(layout.to3(x), scale, offset, epsilon, _out3(out, layout, x.dtype))
+    out3, copy_into = _out3(out, layout, x.dtype, (x,))
+    y3, mean, var = kernel.forward_training(layout.to3(x), scale, offset, epsilon, out3)
     y = layout.from3(y3)
-    if trace is not None:
+    if trace is not None:   # before the copy into an overlapping out changes x
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             _trace_training(trace, x, layout, scale, offset, epsilon, y)
-    return y, mean, var
+    return _finish(y, copy_into), mean, var
 
 
 def forward_inference(x, layout, scale, offset, mean, variance, epsilon, kernel, out=None, trace=None):
     """y from given (moving) statistics; mean and variance are float64 vectors."""
-    y3 = kernel.forward_inference(layout.to3(x), scale, offset, mean, variance, epsilon,
-                                  _out3(out, layout, x.dtype))
+    out3, copy_into = _out3(out, layout, x.dtype, (x,))
+    y3 = kernel.forward_inference(layout.to3(x), scale, offset, mean, variance, epsilon, out3)
     y = layout.from3(y3)
     if trace is not None:
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             _trace_inference(trace, x, layout, scale, offset, mean, variance, epsilon, y)
-    return y
+    return _finish(y, copy_into)
 
 
 def backward(dy, x, layout, scale, mean, variance, epsilon, is_training, kernel, out=None, trace=None):
     """dx, dscale, doffset (float64 vectors) for given statistics."""
+    out3, copy_into = _out3(out, layout, x.dtype, (dy, x))
     dx3, dscale, doffset = kernel.backward(layout.to3(dy), layout.to3(x), scale, mean, variance, epsilon,
-                                           is_training, _out3(out, layout, x.dtype))
+                                           is_training, out3)
     dx = layout.from3(dx3)
     if trace is not None:
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             _trace_backward(trace, dy, x, layout, scale, mean, variance, epsilon, is_training, dx, dscale, doffset)
-    return dx, dscale, doffset
+    return _finish(dx, copy_into), dscale, doffset
 
 
 def moving_update(name, variable, value, decay, trace=None, step=None):

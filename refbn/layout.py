@@ -28,7 +28,11 @@ _BY_RANK_CHANNELS_LAST = {2: "NC", 3: "NWC", 4: "NHWC", 5: "NDHWC"}
 def channel_axis(data_format, ndim, x_name="x"):
     """The channel axis of a ``data_format``, checking the rank of x against it."""
     if isinstance(data_format, bytes):
-        data_format = data_format.decode()
+        try:
+            data_format = data_format.decode("ascii")
+        except UnicodeDecodeError:
+            raise ValueError(f"data_format: expected one of {', '.join(DATA_FORMATS)}, "
+                             f"got the non-ASCII bytes {data_format!r}") from None
     if not isinstance(data_format, str) or data_format not in DATA_FORMATS:
         raise ValueError(
             f"data_format: expected one of {', '.join(DATA_FORMATS)}, got {data_format!r}")
@@ -50,6 +54,11 @@ class Layout:
     """Shape bookkeeping for one call: original shape and channel axis."""
     shape: tuple
     axis: int
+
+    def __post_init__(self):
+        if self.shape[self.axis] == 0:
+            raise ValueError(f"x: expected at least 1 channel on axis {self.axis}, got shape {self.shape} "
+                             f"(0 channels: there is nothing to normalise)")
 
     @classmethod
     def from_data_format(cls, shape, data_format, x_name="x"):

@@ -7,7 +7,10 @@ and ``trace`` (append a :class:`refbn.Trace` as a last output).
 
 Deliberate differences from TF, all raising before anything is computed:
 epsilon must be finite and > 0; exponential_avg_factor must lie in [0, 1];
-variance must be >= 0 in inference; training needs a non-empty batch;
+scale, offset, mean and variance must be finite (after the cast to float32)
+and variance >= 0 wherever it is used; training needs a non-empty batch;
+x needs at least one channel; masked arrays are refused; an ``out`` that
+overlaps an input gets the correct result (computed aside, then copied);
 float64 x is accepted (statistics then stay float64); rank-2 ("NC") and
 rank-3 ("NWC"/"NCW") inputs are accepted; NCHW gradients work in inference
 mode too.  reserve_space_3/4/5 are empty float32 arrays (TF CPU: dummies).
@@ -55,9 +58,9 @@ def FusedBatchNormV3(x, scale, offset, mean, variance, epsilon=0.0001, exponenti
     ignore_stats = is_training and factor == 1.0
     mean = core.stats_vector(mean, "mean", C, x.dtype, allow_empty=ignore_stats)
     variance = core.stats_vector(variance, "variance", C, x.dtype, allow_empty=ignore_stats)
-    if not is_training:
+    if not ignore_stats:   # inference, or old statistics fed to the moving average
         validate.nonnegative(variance, "variance")
-    else:
+    if is_training:
         validate.nonempty_batch(layout.count, x.shape)
     tr = core.new_trace("FusedBatchNormV3", want_trace, layout, data_format=data_format,
                         is_training=is_training, x=f"{x.dtype.name}{list(x.shape)}", backend=backend)

@@ -5,16 +5,27 @@ argument and what was expected.
 """
 import math
 import numbers
+import sys
 
 import numpy as np
 
 from . import dtypes
 
 
+def _not_masked(v, name):
+    """A masked array's mask would be dropped by np.asarray: refuse it rather than
+    normalise the masked-out values silently."""
+    ma = sys.modules.get("numpy.ma")   # not loaded: no masked array can exist (and no import cost)
+    if ma is not None and type(v) is not np.ndarray and isinstance(v, ma.MaskedArray):
+        raise TypeError(f"{name}: expected a plain array, got a numpy masked array (its mask would be "
+                        f"ignored); pass {name}.compressed() or {name}.filled(value) instead")
+
+
 def as_x(x, name="x"):
     """x as an ndarray of a supported floating dtype (never copied here)."""
     if isinstance(x, (bool, numbers.Number)) and not isinstance(x, np.ndarray):
         raise TypeError(f"{name}: expected an array, got the scalar {x!r}")
+    _not_masked(x, name)
     try:
         a = np.asarray(x)
     except Exception as e:  # ragged lists and such
@@ -28,12 +39,16 @@ def as_x(x, name="x"):
     return a
 
 
-def channel_vector(v, name, channels, dtype, allow_empty=False):
-    """A per-channel parameter as a 1-D array of ``channels`` values of ``dtype``."""
+def channel_vector(v, name, channels, dtype, allow_empty=False, finite=True):
+    """A per-channel parameter as a 1-D array of ``channels`` values of ``dtype`` (a new array).
+
+    With ``finite`` (the default) every value must be finite *after* the cast to ``dtype``,
+    so a float64 value that overflows float32 is refused too."""
     if v is None:
         if allow_empty:
             return np.zeros(0, dtype)
         raise ValueError(f"{name}: expected a 1-D array of {channels} values, got None")
+    _not_masked(v, name)
     try:
         a = np.asarray(v)
     except Exception as e:
@@ -48,7 +63,31 @@ def channel_vector(v, name, channels, dtype, allow_empty=False):
     if a.shape[0] != channels:
         raise ValueError(f"{name}: expected {channels} values (one per channel of x), "
                          f"got {a.shape[0]}")
-    return a.astype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        b = a.astype(dtype)
+    if finite:
+        all_finite(b, name, original=a)
+    return b
+
+
+def all_finite(a, name, original=None):
+    """Every value finite (NaN and +-Inf refused), naming the first offenders."""
+    if a.size and not np.isfinite(a).all():
+        src = a if original is None else original
+        idx = np.flatnonzero(~np.isfinite(a))
+        shown = ", ".join(f"[{i}]={_show(src[i])}" for i in idx[:5])
+        overflow = " (overflows " + np.dtype(a.dtype).name + ")" if original is not None and np.isfinite(
+            np.asarray(original[idx], np.float64)).any() else ""
+        raise ValueError(f"{name}: expected finite values, got {shown}{overflow}"
+                         + (f" and {idx.size - 5} more" if idx.size > 5 else ""))
+    return a
+
+
+def _show(v):
+    try:
+        return repr(float(v))
+    except (TypeError, ValueError):
+        return repr(v)
 
 
 def _real_scalar(value, name):
@@ -83,7 +122,7 @@ def nonnegative(v, name):
     if a.size and not a.min() >= 0.0:   # one reduction on the common path; NaN fails it too
         bad = ~(a >= 0.0)
         idx = np.flatnonzero(bad)
-        shown = ", ".join(f"[{i}]={float(v[i])!r}" for i in idx[:5])
+        shown = ", ".join(f"[{i}]={_show(v[i])}" for i in idx[:5])
         raise ValueError(f"{name}: expected every value >= 0, got {shown}"
                          + (f" and {idx.size - 5} more" if idx.size > 5 else ""))
     return v
