@@ -45,6 +45,7 @@ def _finish(result, copy_into):
 
 def forward_training(x, layout, scale, offset, epsilon, kernel, out=None, trace=None):
     """Batch statistics and y; returns (y, mean, biased_variance) with float64 statistics."""
+    validate.representable(x, layout.count)
     out3, copy_into = _out3(out, layout, x.dtype, (x,))
     y3, mean, var = kernel.forward_training(layout.to3(x), scale, offset, epsilon, out3)
     y = layout.from3(y3)
@@ -56,6 +57,7 @@ def forward_training(x, layout, scale, offset, epsilon, kernel, out=None, trace=
 
 def forward_inference(x, layout, scale, offset, mean, variance, epsilon, kernel, out=None, trace=None):
     """y from given (moving) statistics; mean and variance are float64 vectors."""
+    validate.representable(x, layout.count)
     out3, copy_into = _out3(out, layout, x.dtype, (x,))
     y3 = kernel.forward_inference(layout.to3(x), scale, offset, mean, variance, epsilon, out3)
     y = layout.from3(y3)
@@ -65,8 +67,11 @@ def forward_inference(x, layout, scale, offset, mean, variance, epsilon, kernel,
     return _finish(y, copy_into)
 
 
-def backward(dy, x, layout, scale, mean, variance, epsilon, is_training, kernel, out=None, trace=None):
+def backward(dy, x, layout, scale, mean, variance, epsilon, is_training, kernel, out=None, trace=None,
+             dy_name="y_backprop"):
     """dx, dscale, doffset (float64 vectors) for given statistics."""
+    validate.representable(x, layout.count)
+    validate.representable(dy, layout.count, dy_name)
     out3, copy_into = _out3(out, layout, x.dtype, (dy, x))
     dx3, dscale, doffset = kernel.backward(layout.to3(dy), layout.to3(x), scale, mean, variance, epsilon,
                                            is_training, out3)

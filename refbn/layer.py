@@ -323,7 +323,7 @@ class BatchNorm:
         kernel, want_trace = core.check_backend_and_trace(self.backend, trace)
         tr = core.new_trace("BatchNorm.backward", want_trace, layout, convention=self.convention, training=training)
         dx, dgamma, dbeta = core.backward(dy, x, layout, gamma, mean, var,
-                                          epsilon, training, kernel, trace=tr)
+                                          epsilon, training, kernel, trace=tr, dy_name="dy")
         self.dgamma, self.dbeta = dgamma.astype(self.dtype), dbeta.astype(self.dtype)
         return (dx, tr) if want_trace else dx
 

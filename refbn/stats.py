@@ -171,6 +171,7 @@ class Moments:
         x = validate.as_x(x)
         if layout.count == 0:
             return cls.empty(layout.channels)
+        validate.representable(x, layout.count)
         mean, var = backends.get(backend).moments(layout.to3(x))
         return cls(layout.count, mean, var * layout.count)
 
@@ -466,11 +467,120 @@ def merge(shards, method="exact", dtype="float32", epsilon=1e-5, reference=None)
         reference = Moments.merge_all(shards)
     elif not isinstance(reference, Moments):
         raise TypeError(f"reference: expected a Moments, got {type(reference).__name__}")
+    elif reference.channels != shards[0].channels:
+        raise ValueError(f"reference: expected {shards[0].channels} channels (as the shards), "
+                         f"got {reference.channels}")
+    if reference.count == 0:
+        raise ValueError("shards: every replica is empty (count 0); the merged statistics of no "
+                         "values are undefined, and there is no truth to judge them against")
     if method == "exact":
         dt = dtypes.float64
     mean, var = _EMULATIONS[method](shards, dt, epsilon)
     return MergeResult(method, dt.name, sum(m.count for m in shards),
                        np.asarray(mean, np.float64), np.asarray(var, np.float64), reference)
+
+
+# --- the engines' arithmetic as their CPU runs do it (refbn verify --distributed) --------------
+
+def torch_cpu_replica_stats(m, epsilon=1e-5):
+    """One replica's float32 (mean, invstd) as PyTorch's CPU kernel makes them
+    (``torch.native_batch_norm`` on an NCHW-contiguous float32 input, the statistics
+    SyncBatchNorm gathers; read from ``aten/src/ATen/native/cpu/batch_norm_kernel.cpp``):
+    the sum in double, mean32 = fl32(sum / n); the squares summed in double about mean32
+    and stored in float32, var_sum = fl32(M2 + n * delta^2) with delta = mean - mean32;
+    invstd = fl32(1 / sqrt(var_sum / n + eps)) in double.  Its variance is var + delta^2,
+    not var: on N(1e4, 0.01^2) delta^2 reaches 2.4e-7, 2e-3 of the variance.  The double
+    sums are modelled as exact (their error, ~n * 2^-53, is far below one float32 ulp)."""
+    if not isinstance(m, Moments):
+        raise TypeError(f"m: expected a Moments, got {type(m).__name__}")
+    epsilon = validate.epsilon(epsilon)
+    m._need_values("torch_cpu_replica_stats")
+    mean32 = m.mean.astype(np.float32)
+    delta = m.mean - mean32.astype(np.float64)
+    var_sum = (m.m2 + m.count * delta * delta).astype(np.float32)
+    invstd = ref.inv_std(var_sum.astype(np.float64) / m.count, epsilon).astype(np.float32)
+    return mean32, invstd
+
+
+def torch_gather_stats(means, invstds, counts, epsilon=1e-5):
+    """``batch_norm_gather_stats_with_counts`` on gathered rows: the reduce of
+    ``aten/src/ATen/native/cuda/Normalization.cuh`` in float32, replicas in order
+    (rows with count 0 must be dropped first, as SyncBatchNorm does).  Each row's
+    M2 comes back as ((1/invstd)^2 - eps) * count, then Chan's merge with an integer
+    running count.  Returns float32 (mean, var_n, n): var_n is the merged M2, the
+    biased variance is var_n / n and SyncBatchNorm normalises with 1/sqrt(var_n/n + eps)."""
+    means, invstds = np.asarray(means, np.float32), np.asarray(invstds, np.float32)
+    counts = [int(c) for c in np.asarray(counts).reshape(-1)]
+    if means.ndim != 2 or invstds.shape != means.shape or len(counts) != means.shape[0]:
+        raise ValueError(f"means, invstds, counts: expected (replicas, C), (replicas, C) and "
+                         f"(replicas,), got {means.shape}, {invstds.shape} and {len(counts)}")
+    if any(c < 1 for c in counts):
+        raise ValueError(f"counts: expected >= 1 per row (drop empty replicas first), got {counts}")
+    eps = np.float32(epsilon)
+    avg, var_n, n = np.zeros(means.shape[1], np.float32), np.zeros(means.shape[1], np.float32), 0
+    for mean, invstd, count in zip(means, invstds, counts):
+        c = np.float32(count)
+        m2 = _variance_from_inv_std(invstd, eps) * c
+        _, avg, var_n = _chan_merge_as_torch(np.float32(n), avg, var_n, c, mean, m2)
+        n += count
+    return avg, var_n, n
+
+
+def torch_sync_cpu(shards, epsilon=1e-5, reference=None):
+    """PyTorch SyncBatchNorm's merge as a CPU (gloo) group computes it: per-replica
+    statistics by :func:`torch_cpu_replica_stats`, empty replicas dropped, then
+    :func:`torch_gather_stats`.  Unlike ``merge(..., "torch_sync")`` (correctly rounded
+    per-replica statistics) this reproduces the engine's per-replica bias delta^2, so it
+    is an emulation of the engine, not a lower bound of its error."""
+    shards = _shard_list(shards)
+    epsilon = validate.epsilon(epsilon)
+    rows = [(torch_cpu_replica_stats(m, epsilon), m.count) for m in shards if m.count > 0]
+    reference = Moments.merge_all(shards) if reference is None else reference
+    if not rows:
+        c = shards[0].channels
+        return MergeResult("torch_sync_cpu", "float32", 0, np.zeros(c), np.full(c, np.nan), reference)
+    mean, var_n, n = torch_gather_stats([r[0][0] for r in rows], [r[0][1] for r in rows],
+                                        [r[1] for r in rows], epsilon)
+    return MergeResult("torch_sync_cpu", "float32", n, mean.astype(np.float64),
+                       (var_n / np.float32(n)).astype(np.float64), reference)
+
+
+def flax_pmean_merge(shards, use_fast_variance=True, reference=None, mean=None):
+    """Flax ``linen.BatchNorm(axis_name=...)``'s merge (``_compute_stats``), every device
+    weighted equally whatever its count (a mask makes counts unequal), in float32.
+    ``use_fast_variance=True`` (Flax's default): ``merge(shards, "flax_pmean")``, the pmean
+    of mean(x) and mean(x^2), var = max(mu2 - mu^2, 0).  ``False``: mu = pmean(mean(x)),
+    then var = pmean(mean((x - mu)^2)), each device's term m2/n + (mean - mu)^2 rounded once.
+    A device with no values gives NaN (jnp.mean of nothing), and pmean spreads it.
+    ``mean`` (two-pass only): the merged mean to centre the second pass on, e.g. the engine's
+    own, whose float32 per-device sums are less accurate than the correctly rounded means
+    modelled here; the second pass then depends on the data only through that mean."""
+    shards = _shard_list(shards)
+    if use_fast_variance:
+        if mean is not None:
+            raise ValueError("mean: only for use_fast_variance=False (the two-pass variance)")
+        return merge(shards, "flax_pmean", dtype="float32", reference=reference)
+    c, r = shards[0].channels, np.float32(len(shards))
+    if mean is None:
+        mu = np.zeros(c, np.float32)
+        for m in shards:
+            mu = mu + (m.mean.astype(np.float32) if m.count else np.full(c, np.nan, np.float32))
+        mu = mu / r
+    else:
+        mu = _vector(mean, "mean").astype(np.float32)
+        if mu.size != c:
+            raise ValueError(f"mean: expected {c} values (one per channel), got {mu.size}")
+    var = np.zeros(c, np.float32)
+    for m in shards:
+        if m.count:
+            d = m.mean - mu.astype(np.float64)
+            var = var + (m.m2 / m.count + d * d).astype(np.float32)
+        else:
+            var = var + np.full(c, np.nan, np.float32)
+    var = var / r
+    reference = Moments.merge_all(shards) if reference is None else reference
+    return MergeResult("flax_pmean_two_pass", "float32", sum(m.count for m in shards),
+                       mu.astype(np.float64), var.astype(np.float64), reference)
 
 
 # --- the measurements in the README ----------------------------------------------------------

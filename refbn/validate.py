@@ -39,6 +39,26 @@ def as_x(x, name="x"):
     return a
 
 
+_F64_MAX = float(np.finfo(np.float64).max)
+
+
+def representable(a, count, name="x"):
+    """float64 x (or dy) small enough that the float64 sums of (x - mean)**2 over ``count``
+    values cannot overflow.  float16/bfloat16/float32 values always are (3.4e38 squared, times
+    any n, is far below float64's 1.8e308); for float64 it costs a min and a max pass, and
+    only finite values beyond the bound are refused (NaN and Inf propagate, as in TF)."""
+    if a.dtype != np.float64 or a.size == 0:
+        return a
+    bound = math.sqrt(_F64_MAX / (16.0 * max(count, 1)))
+    with np.errstate(invalid="ignore"):
+        lo, hi = a.min(), a.max()
+    if (hi > bound or lo < -bound) and np.any(np.isfinite(a) & (np.abs(a) > bound)):
+        raise ValueError(f"{name}: expected float64 values within +-{bound:.3g} (larger ones would overflow "
+                         f"the float64 sum of squares over {count} values per channel), got values up to "
+                         f"{max(abs(float(lo)), abs(float(hi))):.3g}; rescale {name}")
+    return a
+
+
 def channel_vector(v, name, channels, dtype, allow_empty=False, finite=True):
     """A per-channel parameter as a 1-D array of ``channels`` values of ``dtype`` (a new array).
 
