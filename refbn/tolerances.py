@@ -23,6 +23,9 @@ Contexts:
                        against the same arithmetic done independently
     distributed        TF's synchronized BatchNormalization (MirroredStrategy,
                        MultiWorkerMirroredStrategy) against refbn's replay
+    torch_cpu          refbn.compare.frameworks: refbn against PyTorch's / ONNX Runtime's
+    onnxruntime_cpu    CPU BatchNorm kernels (and each against the float64 truth)
+    flax_parity        refbn.BatchNorm(convention="flax") against flax.linen / flax.nnx
     tf_onednn          refbn.compare: refbn against TF's oneDNN CPU kernel (and TF
     tf_eigen           against the float64 truth), resp. TF's Eigen kernel
     keras_parity       refbn.BatchNorm against Keras 3 / tf-keras fused / torch
@@ -210,10 +213,27 @@ for _ctx in ("tf_onednn", "tf_eigen"):
         (_ctx, "*", "f16"): Tolerance(2.0, _TF_16BIT),
     })
 # refbn.compare.frameworks: PyTorch's and ONNX Runtime's CPU kernels (float32 x) against the
-# float64 truth, and refbn against them.  PROVISIONAL: being measured.
-_FW_CPU = ("PROVISIONAL")
+# float64 truth, and refbn against them (refbn verify --framework torch,onnxruntime).  Measured on
+# the CI registry (torch 2.13.0, onnxruntime 1.32): on well-conditioned data (|mean| < 100 std,
+# no constant channel) statistics <= 3.4 eps, y <= 2.9 eps, dx <= 2.1 eps, dscale/doffset <= 1.2
+# eps; torch's NHWC (channels_last) kernel sums in float32 (batch_mean 2.4e3 eps on N(1e4, 0.01^2)),
+# its y = x*alpha + (bias - mean*alpha) cancels (49 eps on a constant channel): documented
+# divergences, where refbn is the one within tolerance of the truth.
+_FW_SUMS = ("the framework's CPU kernel reduces the n values of a channel in float32 or float64 "
+            "(torch: double accumulators for NCHW, float32 for channels_last; ORT: float32) and "
+            "rounds its statistics to float32; as for TF's sums: 8 eps of final roundings plus n/32 "
+            "eps for float32 accumulation, capped at n = 2^19")
 for _ctx in ("torch_cpu", "onnxruntime_cpu"):
-    TOLERANCES[(_ctx, "*", "f32")] = Tolerance(64.0, _FW_CPU, ulps_per_n=1 / 32, max_n=_N_CAP)
+    TOLERANCES.update({
+        (_ctx, "*", "f32"): Tolerance(8.0, _FW_SUMS, ulps_per_n=1 / 32, max_n=_N_CAP),
+        (_ctx, "x_backprop", "f32"): Tolerance(
+            16.0, "dx = a*(dy - mean(dy) - x_hat*mean(dy*x_hat)) in float32 from torch's float32 "
+                  "save_invstd, judged against |a|*rms(dy); measured <= 2.1 eps"),
+        (_ctx, "scale_backprop", "f32"): Tolerance(
+            8.0, "sum(dy * x_hat), judged against sum(|dy * x_hat|); measured <= 1.2 eps"),
+        (_ctx, "offset_backprop", "f32"): Tolerance(
+            8.0, "sum(dy), judged against sum(|dy|); measured <= 0.7 eps"),
+    })
 _PARITY = ("K float32 training steps: batch statistics from float32 sums (Keras 3: "
            "E[x^2] - E[x]^2, cancelling by (mean^2 + var)/var = 3.25 on N(3, 2^2) data; tf-keras "
            "fused: FusedBatchNormV3), then moving = moving*m + batch*(1-m) rounded each step; old "

@@ -104,6 +104,11 @@ def stat_recorder(layers):
                      float(np.mean(cap.to_numpy(layer.moving_variance)))) for layer in self.layers]
 
         def on_train_batch_end(self, batch, logs=None):
+            # The JAX backend keeps the training state outside the variables during fit
+            # (their buffers are donated); a callback that reads them must sync them first.
+            sync = getattr(self.model, "jax_state_sync", None)
+            if sync is not None:
+                sync()
             self.history.append(self._now())
 
     return StatRecorder(layers)
@@ -200,38 +205,55 @@ def plot_moving(path, rows, layers, recorder, steps, tolerance):
             kt = [h[k][rec_i] for h in recorder.history[1:]]
             ax.plot(np.arange(1, len(kt) + 1), kt, "o", color="C3",
                     label="Keras during fit (its batches changed as the weights did)")
-            ax.axvline(steps, color="C3", lw=0.8, ls=":")
+            ax.axvline(steps, color="C3", lw=1, ls=":", label=f"fit stopped (step {steps})")
             need = conv.steps_to_converge(mk, tolerance)
             if np.isfinite(need):
-                ax.axvline(need, color="C2", lw=0.8, ls=":", label=f"{mk:g}^t < {tolerance:g}: t = {need}")
+                ax.axvline(need, color="C2", lw=1, ls=":",
+                           label=f"initial weight {mk:g}^t < {tolerance:g} from step {need}")
             ax.set_xscale("log")
-            ax.set_xlabel("training steps")
-            ax.set_title(f"{layer.name}\n{label}", fontsize=9)
+            ax.set_xlabel("training steps (log scale)")
+            ax.set_ylabel("moving mean (units of the layer's input)" if row == 0 else
+                          "moving variance (squared input units)", fontsize=8)
+            ax.set_title(f"{layer.name}: {label}", fontsize=9)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
     fig.suptitle(f"Moving statistics approach the batch statistics as 1 - {m:g}^t "
                  f"(fit stopped at step {steps})")
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def plot_distortion(path, rows, tolerance_std=0.1):
+    """Two panels, one unit each, against the named BN layers in call order: the layer's own
+    output error (in standard deviations) and the compounded input drift (a ratio)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
     k = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(10, 4.8))
-    ax.semilogy(k, [r["output_error"] if r["output_error"] > 0 else np.nan for r in rows], "o-", ms=3,
-                label="layer's own error: output with moving vs batch statistics, same input (std)")
-    ax.semilogy(k, [r["input_drift"] if r["input_drift"] > 0 else np.nan for r in rows], "s-", ms=3,
-                label="compounded: input in predict vs in fit (relative RMS)")
-    ax.axhline(tolerance_std, color="k", ls=":", lw=1, label=f"{tolerance_std:g}")
-    ax.set_xlabel("BatchNormalization layer (call order; the first layer's input is the same in both)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title("Where the distortion starts and how it compounds")
-    ax.legend(fontsize=8)
+    names = [r["name"] for r in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(max(8.0, 2.0 + 0.2 * len(rows)), 7.5))
+    own = [r["output_error"] if r["output_error"] > 0 else np.nan for r in rows]
+    top.semilogy(k, own, "o-", ms=4, color="C0",
+                 label="output with moving statistics - with batch statistics, same input (RMS)")
+    top.axhline(tolerance_std, color="k", ls=":", lw=1,
+                label=f"'healthy' threshold of refbn diagnose ({tolerance_std:g} std)")
+    top.set_ylabel("layer's own output error\n(standard deviations)")
+    top.set_title("Where the distortion starts: each layer fed the very input fit saw", fontsize=10)
+    top.legend(fontsize=8, loc="best")
+    drift = [r["input_drift"] if r["input_drift"] > 0 else np.nan for r in rows]
+    bottom.semilogy(k, drift, "s-", ms=4, color="C1",
+                    label="RMS(input in predict - input in fit) / RMS(input in fit)")
+    for i, r in enumerate(rows):
+        if r["input_drift"] == 0:
+            bottom.annotate("0: same input", (i, 1.0), xycoords=("data", "axes fraction"), xytext=(0, -12),
+                            textcoords="offset points", ha="center", fontsize=7, color="C1")
+    bottom.set_ylabel("input drift, predict vs fit\n(ratio of RMS values, no unit)")
+    bottom.set_title("How it compounds: each layer receives the earlier layers' distorted output", fontsize=10)
+    bottom.legend(fontsize=8, loc="best")
+    bottom.set_xticks(k)
+    bottom.set_xticklabels(names, rotation=90 if len(rows) > 6 else 0, fontsize=7 if len(rows) > 20 else 9)
+    bottom.set_xlabel("BatchNormalization layer, in call order")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
