@@ -31,7 +31,10 @@ FusedBatchNormGradV3Traced = namedtuple("FusedBatchNormGradV3", _GRAD_FIELDS + (
 
 
 def _stats(v, sdt):
-    return np.asarray(v, dtype=np.float64).astype(sdt)
+    """A float64 statistic in its output dtype; one beyond float32's range rounds to Inf (IEEE,
+    as TF's float32 arithmetic gives), without a numpy warning."""
+    with np.errstate(over="ignore"):
+        return np.asarray(v, dtype=np.float64).astype(sdt)
 
 
 def FusedBatchNormV3(x, scale, offset, mean, variance, epsilon=0.0001, exponential_avg_factor=1.0,
