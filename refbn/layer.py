@@ -324,7 +324,8 @@ class BatchNorm:
         tr = core.new_trace("BatchNorm.backward", want_trace, layout, convention=self.convention, training=training)
         dx, dgamma, dbeta = core.backward(dy, x, layout, gamma, mean, var,
                                           epsilon, training, kernel, trace=tr, dy_name="dy")
-        self.dgamma, self.dbeta = dgamma.astype(self.dtype), dbeta.astype(self.dtype)
+        with np.errstate(over="ignore"):
+            self.dgamma, self.dbeta = dgamma.astype(self.dtype), dbeta.astype(self.dtype)
         return (dx, tr) if want_trace else dx
 
     def __repr__(self):
