@@ -78,10 +78,45 @@ def _parse_list(text, allowed, name, aliases=None):
             items += (aliases or {}).get(t, (t,))
     bad = [t for t in items if t not in allowed]
     if bad or not items:
+        from refbn.cli import UsageError
         extra = f" (or {', '.join(aliases)})" if aliases else ""
-        raise SystemExit(f"refbn bench: {name}: expected a comma-separated subset of "
+        raise UsageError(f"{name}: expected a comma-separated subset of "
                          f"{', '.join(allowed)}{extra}, got {text!r}")
     return list(dict.fromkeys(items))
+
+
+#: bytes a value of x that a shape needs at the very least: x and dy (float32), the float64 copy
+#: of x and the float64 truth of y
+BYTES_PER_VALUE = 24
+
+
+def check_args(args):
+    """(specs, ops, contenders) from the arguments, or UsageError for the first bad one: nothing
+    heavy is imported and nothing is timed before every argument and output path is checked."""
+    from refbn.cli import UsageError, check_memory, check_number, check_output, check_plot
+
+    from . import data, specs
+    try:
+        shapes = specs.load(args.shapes)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    for spec in shapes:
+        check_memory("--shapes", f"shape {spec}", BYTES_PER_VALUE * spec.size)
+    ops = _parse_list(args.ops, data.OPS, "--ops")
+    contenders = _parse_list(args.contenders, CONTENDERS, "--contenders", ALIASES)
+    if args.threads is not None:
+        check_number("--threads", args.threads, 1)
+    check_number("--repeats", args.repeats, 1)
+    check_number("--warmup", args.warmup, 0)
+    if args.gap_ms is not None:
+        check_number("--gap-ms", args.gap_ms, 0, 60_000)
+    check_number("--seed", args.seed, 0)
+    check_output("--json", args.json)
+    check_output("--markdown", args.markdown)
+    check_plot("--plot", args.plot)
+    if args.jit and "numba" not in contenders:
+        raise UsageError(f"--jit: measures numba's compile, but --contenders {args.contenders!r} has no numba")
+    return shapes, ops, contenders
 
 
 def start_tf_in_process(wanted):
@@ -206,26 +241,17 @@ def _jit_stats():
 
 
 def main(args):
+    shapes, ops, contenders = check_args(args)
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from . import data, floors, report, runner, specs
+    from . import data, floors, report, runner
 
     console = Console()
     if not console.is_terminal:
         console = Console(width=150)
-    try:
-        shapes = specs.load(args.shapes)
-    except ValueError as e:
-        console.print(f"refbn bench: {e}")
-        return 2
-    ops = _parse_list(args.ops, data.OPS, "--ops")
-    contenders = _parse_list(args.contenders, CONTENDERS, "--contenders", ALIASES)
     if args.gap_ms is None:
         args.gap_ms = 0.0 if args.cache == "cold" else 2.0
-    if args.repeats < 1 or args.warmup < 0:
-        console.print("refbn bench: --repeats must be >= 1 and --warmup >= 0")
-        return 2
     threads = args.threads or os.cpu_count() or 1
     import numba
     if args.numba_layer == "omp" and not _omp_available():

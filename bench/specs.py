@@ -99,6 +99,9 @@ def named_lists():
 def load(source):
     """Specs from a shape-list name (``resnet50``), a file path, or comma-separated descriptors."""
     path = None
+    if os.path.isdir(source):
+        raise ValueError(f"--shapes: expected a shape list ({', '.join(named_lists())}), a file or descriptors, "
+                         f"got the folder {source!r}")
     if os.path.isfile(source):
         path = source
     elif os.path.isfile(os.path.join(SHAPES_DIR, f"{source}.txt")):
@@ -113,11 +116,21 @@ def load(source):
             raise ValueError(f"--shapes: expected at least one shape, got {source!r}")
         return found
     specs = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.split("#", 1)[0].strip()
-            if line:
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--shapes: {path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                         "expected one descriptor per line") from None
+    except OSError as e:
+        raise ValueError(f"--shapes: cannot read {path} ({e.strerror})") from None
+    for number, line in enumerate(lines, 1):
+        line = line.split("#", 1)[0].strip()
+        if line:
+            try:
                 specs.append(parse(line))
+            except ValueError as e:
+                raise ValueError(f"--shapes: {path}, line {number}: {e}") from None
     if not specs:
         raise ValueError(f"--shapes: {path} lists no shapes")
     return specs

@@ -128,7 +128,7 @@ def parse_named_dims(text):
     named, i = {}, 0
     while i < len(body):
         letter, j = body[i], i + 1
-        while j < len(body) and body[j].isdigit():
+        while j < len(body) and body[j].isdecimal() and body[j].isascii():
             j += 1
         if letter not in DIMENSION_LETTERS or j == i + 1:
             raise ValueError(f"shape {text!r}: expected letters n, c, d, h, w each followed by a size, "

@@ -97,10 +97,10 @@ def test_smoke_run_validates_times_and_writes_json(tmp_path, capsys):
 
 
 def test_bad_arguments_exit_with_a_message(capsys):
-    with pytest.raises(SystemExit, match="--ops"):
-        cli.main(["bench", "--ops", "train,fly"])
+    assert cli.main(["bench", "--ops", "train,fly"]) == 2
+    assert "--ops" in capsys.readouterr().err
     assert cli.main(["bench", "--shapes", "nothing"]) == 2
-    assert "neither a shape list" in capsys.readouterr().out
+    assert "neither a shape list" in capsys.readouterr().err
 
 
 def test_tf_kernels_are_planned_from_what_tf_reports():
