@@ -128,16 +128,16 @@ def _load(m):
 
 
 def plot(result, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a Figure of its own, drawn by Agg: no pyplot state, so a notebook's inline backend is left alone
     import numpy as np
+    from matplotlib.figure import Figure
 
     records = result["records"]
     ops = [op for op in ("train", "infer", "bwd") if any(r["op"] == op for r in records)]
-    fig, axes = plt.subplots(len(ops), 1, figsize=(max(7, 1.1 * len(records) / max(1, len(ops)) + 3),
-                                                    3.2 * len(ops)), squeeze=False)
+    fig = Figure(figsize=(max(7, 1.1 * len(records) / max(1, len(ops)) + 3), 3.2 * len(ops)))
+    axes = fig.subplots(len(ops), 1, squeeze=False)
     colors = {"numpy": "#999999", "numba": "#1f77b4", "tf_onednn": "#ff7f0e", "tf_eigen": "#d62728"}
+    legend = {}  # label -> handle, in order of first appearance
     for ax, op in zip(axes[:, 0], ops):
         recs = [r for r in records if r["op"] == op]
         names = [n for n in _ORDER if any(n in r["contenders"] for r in recs)]
@@ -147,19 +147,26 @@ def plot(result, path):
             vals = [r["contenders"].get(n, {}).get("x_floor") or np.nan for r in recs]
             ax.bar(xs + (i - (len(names) - 1) / 2) * width, vals, width, color=colors[n],
                    label=row_label(n, next((r["contenders"][n] for r in recs if n in r["contenders"]), None)))
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.axhline(GOALS[op][1], color=colors["numba"], lw=0.8, ls="--")
+        ax.axhline(1.0, color="k", lw=0.8, label="memory floor (1x)")
+        ax.axhline(GOALS[op][1], color=colors["numba"], lw=0.8, ls="--", label="numba's goal (see title)")
         ax.set_yscale("log")
         ax.set_xticks(xs)
         ax.set_xticklabels([r["shape"] for r in recs], rotation=20, ha="right", fontsize=8)
-        ax.set_ylabel("time / memory floor")
-        ax.set_title(f"{op}: median time over the floor (dashed: numba goal {GOALS[op][1]}x)", fontsize=10)
-        ax.legend(fontsize=7, ncol=len(names))
+        ax.set_ylabel("median time / memory floor\n(x, log scale)", fontsize=9)
+        ax.set_title(f"{op}: median time over the floor (numba's goal: {GOALS[op][1]}x)", fontsize=10)
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    axes[-1, 0].set_xlabel("shape (refbn descriptor; channels last unless :NCHW)", fontsize=9)
     m = result["machine"]
-    fig.suptitle(f"refbn bench, float32, {m['cpu']}, {m['threads']} threads", fontsize=10)
-    fig.tight_layout()
+    star = any(label.endswith("*") for label in legend)
+    fig.suptitle(f"refbn bench, float32, {m['cpu']}, {m['threads']} threads"
+                 + ("  (* = TF in a worker process, against that process's own floor)" if star else ""),
+                 fontsize=10)
+    # one legend for every panel, above them, so that it never covers a bar
+    fig.legend(list(legend.values()), list(legend), loc="upper center", ncol=len(legend), fontsize=8,
+               bbox_to_anchor=(0.5, 0.965), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def markdown(result):

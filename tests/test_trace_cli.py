@@ -9,6 +9,7 @@ import pytest
 
 from refbn import cli
 from refbn.testing import assert_close
+from refbn.tolerances import tolerance
 
 
 def _run(capsys, *argv):
@@ -77,5 +78,50 @@ def test_trace_bad_arguments(capsys, argv, word):
 
 def test_trace_never_imports_tensorflow():
     code = ("import sys, refbn.cli; rc = refbn.cli.main(['trace', '--steps', '1']); "
+            "assert rc == 0; assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_backward_traces_both_gradients_with_tf_names(tmp_path, capsys):
+    js = tmp_path / "t.json"
+    rc, out = _run(capsys, "--backward", "--steps", "2", "--json", str(js))
+    assert rc == 0
+    for name in ("FusedBatchNormGradV3", "FusedBatchNormGrad,", "FusedBatchNormFreezeGrad", "y_backprop",
+                 "x_backprop", "scale_backprop", "offset_backprop", "coef1", "y_backprop_centered_mean",
+                 "dx_term_mean_dy", "dx_term_x_hat", "max |dx_train - dx_infer|", "check: central finite"):
+        assert name in out.out, name
+    doc = json.loads(js.read_text())
+    x = np.asarray(doc["x"], np.float64)
+    b = doc["backward"]
+    dy = np.asarray(b["dy"], np.float64)
+    tr, inf = b["training"], b["inference"]
+    # training: the closed form with the float32 reserve spaces the op was given
+    mean32, var32 = (np.float32(v).astype(np.float64) for v in (x.mean(axis=0), x.var(axis=0)))
+    eps = 1e-3
+    istd = 1 / np.sqrt(var32 + eps)
+    x_hat = (x - mean32) * istd
+    want = istd * (dy - dy.mean(axis=0) - x_hat * (dy * x_hat).mean(axis=0))
+    assert_close(tr["dx"], want, "x_backprop", "float32")
+    assert_close(tr["dgamma"], (dy * x_hat).sum(axis=0), "scale_backprop", "float32")
+    assert_close(tr["dbeta"], dy.sum(axis=0), "offset_backprop", "float32")
+    terms = np.sum([tr[k] for k in ("dx_term_dy", "dx_term_mean_dy", "dx_term_x_hat")], axis=0)
+    assert_close(terms, want, "x_backprop", "float64")
+    # inference (frozen BN): dx = dy * scale / sqrt(moving_variance + eps); the other terms vanish
+    mv = np.asarray(doc["inference"]["moving_variance"], np.float64)
+    assert_close(inf["dx"], dy / np.sqrt(mv + eps), "x_backprop", "float32")
+    assert not np.any(inf["dx_term_mean_dy"]) and not np.any(inf["dx_term_x_hat"])
+    # the printed finite-difference check is within the declared finite-difference tolerance
+    tol = tolerance("x_backprop", "float64", "finite_difference").ulps * np.finfo(np.float64).eps
+    assert b["finite_difference_error"] <= tol
+
+
+@pytest.mark.parametrize("shape", ["2x3x3x4", "2x2x2x2x2x3"])
+def test_backward_any_rank(capsys, shape):
+    rc, out = _run(capsys, "--backward", "--shape", shape, "--steps", "1")
+    assert rc == 0 and out.out.count("FusedBatchNormGradV3(") == 2
+
+
+def test_backward_never_imports_tensorflow():
+    code = ("import sys, refbn.cli; rc = refbn.cli.main(['trace', '--backward', '--steps', '1']); "
             "assert rc == 0; assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

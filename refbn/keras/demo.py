@@ -178,11 +178,11 @@ def explain_layers(model, layers, x, tolerance):
 # -- plots ------------------------------------------------------------------------------
 def plot_moving(path, rows, layers, recorder, steps, tolerance):
     from .recalibrate import initial_values
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a Figure of its own, drawn by Agg: no pyplot state, so a notebook's inline backend is left alone
+    from matplotlib.figure import Figure
     picks = sorted({0, len(rows) // 2, len(rows) - 1})
-    fig, axes = plt.subplots(2, len(picks), figsize=(4.6 * len(picks), 7), squeeze=False)
+    fig = Figure(figsize=(4.6 * len(picks), 7))
+    axes = fig.subplots(2, len(picks), squeeze=False)
     m = rows[0]["momentum"]
     horizon = int(max(conv.steps_to_converge(m, tolerance) * 1.5, 50)) if 0 < m < 1 else 50
     t = np.arange(0, horizon + 1)
@@ -221,18 +221,17 @@ def plot_moving(path, rows, layers, recorder, steps, tolerance):
                  f"(fit stopped at step {steps})")
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_distortion(path, rows, tolerance_std=0.1):
     """Two panels, one unit each, against the named BN layers in call order: the layer's own
     output error (in standard deviations) and the compounded input drift (a ratio)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a Figure of its own, drawn by Agg: no pyplot state, so a notebook's inline backend is left alone
+    from matplotlib.figure import Figure
     k = np.arange(len(rows))
     names = [r["name"] for r in rows]
-    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(max(8.0, 2.0 + 0.2 * len(rows)), 7.5))
+    fig = Figure(figsize=(max(8.0, 2.0 + 0.2 * len(rows)), 7.5))
+    top, bottom = fig.subplots(2, 1, sharex=True)
     own = [r["output_error"] if r["output_error"] > 0 else np.nan for r in rows]
     top.semilogy(k, own, "o-", ms=4, color="C0",
                  label="output with moving statistics - with batch statistics, same input (RMS)")
@@ -241,13 +240,9 @@ def plot_distortion(path, rows, tolerance_std=0.1):
     top.set_ylabel("layer's own output error\n(standard deviations)")
     top.set_title("Where the distortion starts: each layer fed the very input fit saw", fontsize=10)
     top.legend(fontsize=8, loc="best")
-    drift = [r["input_drift"] if r["input_drift"] > 0 else np.nan for r in rows]
-    bottom.semilogy(k, drift, "s-", ms=4, color="C1",
-                    label="RMS(input in predict - input in fit) / RMS(input in fit)")
-    for i, r in enumerate(rows):
-        if r["input_drift"] == 0:
-            bottom.annotate("0: same input", (i, 1.0), xycoords=("data", "axes fraction"), xytext=(0, -12),
-                            textcoords="offset points", ha="center", fontsize=7, color="C1")
+    bottom.plot(k, [r["input_drift"] for r in rows], "s-", ms=4, color="C1",
+                label="RMS(input in predict - input in fit) / RMS(input in fit); 0: the same input")
+    bottom.set_ylim(bottom=0)
     bottom.set_ylabel("input drift, predict vs fit\n(ratio of RMS values, no unit)")
     bottom.set_title("How it compounds: each layer receives the earlier layers' distorted output", fontsize=10)
     bottom.legend(fontsize=8, loc="best")
@@ -256,7 +251,6 @@ def plot_distortion(path, rows, tolerance_std=0.1):
     bottom.set_xlabel("BatchNormalization layer, in call order")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # -- main -------------------------------------------------------------------------------
@@ -283,7 +277,43 @@ def _defaults(args):
         return f"--tolerance: expected a value in (0, 1), got {args.tolerance}"
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         return f"--out: {args.out} exists and is not a folder"
+    try:
+        _check_limits(args)
+    except ValueError as e:   # refbn.cli.UsageError
+        return str(e)
     return missing_dependency(("matplotlib", "plot"))
+
+
+#: --epochs / --extra-steps at most this (each is one fit step; 460 steps of ResNet50 took 175 s)
+MAX_STEPS = 1_000_000
+
+
+def _check_limits(args):
+    """UsageError for numbers that pass the checks above but cannot run: a single class, more
+    classes than images, step counts and sizes past what fit or this machine's memory takes, a
+    seed Keras refuses, an --out folder that cannot be made."""
+    from ..cli import UsageError, check_memory, check_number
+    check_number("--images", args.images, 2)
+    check_number("--classes", args.classes, 2, args.images)
+    check_number("--epochs", args.epochs, 1, MAX_STEPS)
+    check_number("--extra-steps", args.extra_steps, 0, MAX_STEPS)
+    check_number("--lr", args.lr, 0, low_open=True)
+    check_number("--rows", args.rows, 1)
+    check_number("--seed", args.seed, 0, 2 ** 32 - 1)   # keras.utils.set_random_seed -> np.random.seed
+    # the float32 images and the first convolution's float32 output (tiny: 8 channels at full size;
+    # ResNet50: 64 at half size), at the very least
+    per_pixel = 4 + (32 if args.model == "tiny" else 64)
+    check_memory("--images/--size", f"{args.model} on {args.images} images of {args.size}x{args.size}",
+                 per_pixel * args.images * args.size ** 2)
+    if not args.out.strip():
+        raise UsageError(f"--out: expected a folder name, got {args.out!r}")
+    parent = os.path.abspath(args.out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out: cannot make the folder {args.out!r}: {parent!r} is a file")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"--out: cannot write in {parent!r}")
 
 
 def _fail(msg):
@@ -312,7 +342,10 @@ def main(args):
     con = _console()
     say = con.print
     t_start = time.perf_counter()
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        return _fail(f"--out: cannot make the folder {args.out!r} ({e.strerror})")
     keras.utils.set_random_seed(args.seed)
     x, y = make_data(args.images, args.classes, args.size, args.seed)
     model = build_model(args.model, args.size, args.classes)
