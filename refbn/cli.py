@@ -35,6 +35,7 @@ SUBCOMMANDS = {
     "bench": ("refbn.bench.cli", "time the kernels against TF and the memory-bandwidth floor"),
     "demo": ("refbn.keras.demo", "reproduce the 100%-train / 33%-predict failure and fix it"),
     "diagnose": ("refbn.keras.diagnose_cli", "report stale BatchNorm statistics in a Keras model"),
+    "explain": ("refbn.explain_cli", "split TF's batch_variance error into its float32 steps"),
 }
 
 

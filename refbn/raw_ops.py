@@ -78,6 +78,10 @@ def FusedBatchNormV3(x, scale, offset, mean, variance, epsilon=0.0001, exponenti
             out_mean = core.moving_update("moving_mean", mean.astype(np.float64), bmean, factor, tr, step)
             out_var = core.moving_update("moving_variance", variance.astype(np.float64), unbiased, factor,
                                          tr, step)
+        running = getattr(kernel, "running_statistics", None)   # a backend's own float32 arithmetic
+        if running is not None:                                   # for outputs 1-2 (tf_eigen: TF's)
+            out_mean, out_var = running(bmean, bvar, layout.count, factor, None if ignore_stats else mean,
+                                        None if ignore_stats else variance)
         result = (y, _stats(out_mean, sdt), _stats(out_var, sdt), _stats(bmean, sdt), _stats(bvar, sdt),
                   np.zeros(0, sdt))
     else:

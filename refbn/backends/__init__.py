@@ -12,12 +12,17 @@ a C-contiguous array of x's dtype and shape to write into.  Every formula a back
 
 ``"numpy"`` is refbn.reference itself, in float64 on whole arrays; ``"numba"`` compiles the
 reference's formulas into parallel one-pass kernels.  :mod:`refbn.core` calls them the same
-way whether or not a trace is recorded.  Backends are imported on first use, so
+way whether or not a trace is recorded.  ``"tf_eigen"`` is not a reference: it repeats the
+float32 operations of TF's Eigen CPU kernel to reproduce its bits (refbn/backends/tf_eigen.py).
+A backend may also define ``running_statistics(mean, variance, n, factor, old_mean,
+old_variance)``, its own arithmetic for the Bessel correction and the moving average (outputs
+1-2 of FusedBatchNormV3); raw_ops uses it when present.  Backends are imported on first use, so
 ``import refbn`` never loads numba.
 """
 import importlib
 
-_MODULES = {"numpy": "refbn.backends.numpy_ref", "numba": "refbn.backends.numba_kernels"}
+_MODULES = {"numpy": "refbn.backends.numpy_ref", "numba": "refbn.backends.numba_kernels",
+            "tf_eigen": "refbn.backends.tf_eigen"}   # TF's Eigen CPU kernel, bit for bit (not a reference)
 NAMES = tuple(_MODULES)
 
 
@@ -34,10 +39,15 @@ def get(name):
     return module
 
 
+#: backends that reproduce another kernel's bits rather than the truth: not in available(), so
+#: the tests and ``refbn verify --backend all`` (which judge backends by refbn.reference) skip them
+EMULATIONS = ("tf_eigen",)
+
+
 def available():
-    """Backends that import on this machine."""
+    """Backends that import on this machine (the emulations left out: see EMULATIONS)."""
     ok = []
-    for name in _MODULES:
+    for name in (n for n in _MODULES if n not in EMULATIONS):
         try:
             get(name)
         except ImportError:
