@@ -171,11 +171,12 @@ TOLERANCES.update({
 # refbn.compare: TF's CPU kernels (float32 arithmetic, float32 sums) against refbn.  refbn is
 # within 0.5 ulp of the float64 truth, so refbn-vs-TF measures TF's own error.  Measured on the
 # registry (refbn verify, TF 2.21, both kernels, n <= 449,199 values per channel; see the
-# README): variance/y errors grow with n (Eigen sums strictly in order when C % 8 != 0: up to
+# README): variance/y errors grow with n (Eigen sums its C % 8 tail channels strictly in order: up to
 # 1.9e3 eps at n = 449,199, i.e. 0.0042*n; oneDNN up to 876 eps), everything else stays < 5 eps.
 _TF_SUMS = (
-    "TF sums the n values of a channel in float32 (Eigen: in order, or 4 interleaved sums when "
-    "C % 8 == 0; oneDNN: per-thread chunks, then the chunks); the worst case of recursive "
+    "TF sums the n values of a channel in float32 (Eigen: 4 interleaved sums for the first "
+    "8*floor(C/8) channels when n >= 16, the C % 8 tail in order, as refbn.backends.tf_eigen "
+    "reproduces bit for bit; oneDNN: per-thread chunks, then the chunks); the worst case of recursive "
     "summation is (n-1)*eps relative, the measured worst 0.0042*n eps (Eigen, n = 449,199). "
     "Allowed: 8 eps for the final roundings plus n/32 eps, a 7x margin at the largest n and "
     "tight for small n (a Bessel-factor slip, 1/n relative, still fails for n < 16,000). The "
