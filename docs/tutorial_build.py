@@ -788,7 +788,7 @@ $10^4$ grows to $6.6\cdot 10^8$, where one float32 step (ulp) is 64: every addit
 up to 32, so the mean comes out off by $\delta$. The second pass then sums
 $(x - \mu - \delta)^2$, whose mean is $\sigma^2 + \delta^2$: with $\sigma^2 = 10^{-4}$, even
 $\delta = 0.04$ (oneDNN) makes the variance 16 times too large. Eigen's kernel sums strictly in
-order when C % 8 != 0 (here C = 4), which `np.cumsum` in float32 reproduces on the same inputs
+order in the C % 8 tail channels (here C = 4: all of them), which `np.cumsum` in float32 reproduces on the same inputs
 (`refbn.compare.cases.make_inputs` draws the same data as `refbn verify`):
 """)
 
@@ -816,6 +816,27 @@ out32 = refbn.raw_ops.FusedBatchNormV3(x=xv, scale=np.ones(4, np.float32), offse
                                        mean=[], variance=[], data_format="NC")
 print(f"refbn (float64 sums, rounded once): variance relative error {rel(out32.reserve_space_2, var64):.2g}")
 KEY.update(eigen_emulated_variance_error=emu)
+""")
+
+md(r"""
+refbn goes further than this sketch: `backend="tf_eigen"` replays every float32 operation of
+TF's Eigen kernel (4 interleaved sums for the first 8·⌊C/8⌋ channels, `rsqrt` as the CPU's
+estimate plus a Newton step, ...), bit for bit (`refbn verify --backend tf_eigen` checks it
+against TF on every case of the registry). `refbn.explain` then makes one of those steps exact
+at a time, and so splits TF's error into the share of each step: the answer to "why does TF
+differ from my numpy?".
+""")
+
+code(r"""
+from refbn import explain
+emu_tf = refbn.raw_ops.FusedBatchNormV3(x=xv, scale=np.ones(4, np.float32), offset=np.zeros(4, np.float32),
+                                        mean=[], variance=[], data_format="NC", backend="tf_eigen")
+print(f"tf_eigen emulation: variance relative error {rel(emu_tf.reserve_space_2, var64):.4g} "
+      f"(refbn verify, TF Eigen: {tf_err['N(1e4, 0.01^2)', 'eigen', 'reserve_space_2']:.4g})")
+sp = explain.split(explain.rows_of(xv, "NC"))
+print("\n".join(sp.lines()))
+KEY.update(explain_sum_x_share=sp.shares["sum_x"] / sp.total_eps,
+           tf_eigen_variance_error=rel(emu_tf.reserve_space_2, var64))
 """)
 
 md(r"""

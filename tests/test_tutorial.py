@@ -87,10 +87,14 @@ def test_backward_and_float32_numbers(executed):
     allowed = tolerance("x_backprop", "float64", "finite_difference").ulps * np.finfo(np.float64).eps
     assert k["fd_allowed"] == pytest.approx(allowed) and k["fd_error"] <= allowed
     assert k["frozen_vs_training_gap"] > 0.01
-    # chapter 7: refbn verify's TF Eigen variance error on N(1e4, 0.01^2) is what an in-order
-    # float32 sum gives on the same data (the explanation the text gives), and far above eps
+    # chapter 7: refbn verify's TF Eigen variance error on N(1e4, 0.01^2) is what the bit-exact
+    # tf_eigen emulation gives on the same data (up to the float64 truth's own rounding, as
+    # both are relative errors against float64 sums in different orders), and far above eps;
+    # refbn.explain puts nearly all of it on the float32 sum of x (the text's explanation)
     tf_err = k["tf_variance_error"]
-    assert tf_err["N(1e4, 0.01^2)/eigen"] == pytest.approx(k["eigen_emulated_variance_error"], rel=1e-6)
+    truth_noise = tolerance("batch_variance", "float64", "reference").ulps * np.finfo(np.float64).eps
+    assert abs(tf_err["N(1e4, 0.01^2)/eigen"] - k["tf_eigen_variance_error"]) <= truth_noise * tf_err["N(1e4, 0.01^2)/eigen"]
+    assert k["explain_sum_x_share"] > 0.99
     assert tf_err["N(1e4, 0.01^2)/onednn"] > 1.0 and tf_err["N(1e4, 0.01^2)/eigen"] > 1.0
     assert max(tf_err["N(0, 1)/onednn"], tf_err["N(0, 1)/eigen"]) < 1e3 * EPS32
     # chapter 8: uneven shards: Flax's equal weights are wrong, the count-weighted merges are not
