@@ -18,7 +18,7 @@ the layout's axis order).  The other fields may come in any order:
 ``train`` ``infer``         one FusedBatchNormV3 call, then
                             FusedBatchNormGradV3 on the same problem
 ``keras`` ``tf_fused``      K training steps of a layer, then inference:
-``torch``                   multi-step parity of the moving statistics
+``torch`` ``flax``          multi-step parity of the moving statistics
 ``eaf<f>``                  exponential_avg_factor (train; default 1)
 ``eps<f>``                  epsilon (default: 1e-4 for ops as TF's raw op,
                             1e-3 for layers as Keras)
@@ -26,6 +26,8 @@ the layout's axis order).  The other fields may come in any order:
 ``const``                   channel 0 of x is one constant value
 ``k<int>`` ``mom<f>``       steps and momentum of a parity case (default 5
                             and the convention's default)
+``cumavg``                  torch parity with momentum=None (a cumulative
+                            average, decay 1/t)
 ``seed<int>``               data seed (default 0)
 =========================== =================================================
 
@@ -44,12 +46,12 @@ from refbn import dtypes
 from refbn.layout import parse_named_dims
 
 OP_MODES = ("train", "infer")
-PARITY_MODES = ("keras", "tf_fused", "torch")
+PARITY_MODES = ("keras", "tf_fused", "torch", "flax")
 MODES = OP_MODES + PARITY_MODES
 LAYOUTS = {"NHWC": "nhwc", "NCHW": "nchw", "NDHWC": "ndhwc", "NCDHW": "ncdhw"}
 DTYPES = ("f16", "bf16", "f32")
 _DEFAULT_EPS = {"op": 1e-4, "parity": 1e-3}
-_PARITY_MOMENTUM = {"keras": 0.99, "tf_fused": 0.99, "torch": 0.1}
+_PARITY_MOMENTUM = {"keras": 0.99, "tf_fused": 0.99, "torch": 0.1, "flax": 0.99}
 
 
 def _num(v):
@@ -73,6 +75,7 @@ class Case:
     const: bool = False
     steps: int = 5
     momentum: float = None  # None: the convention's default
+    cumulative: bool = False  # torch's momentum=None (cumulative average)
     seed: int = 0
     tags: frozenset = field(default=frozenset(), compare=False, hash=False)
 
@@ -95,6 +98,8 @@ class Case:
 
     @property
     def mom(self):
+        if self.cumulative:
+            return None
         return _PARITY_MOMENTUM.get(self.mode) if self.momentum is None else self.momentum
 
     @property
@@ -139,6 +144,8 @@ class Case:
                 parts.append(f"k{self.steps}")
             if self.momentum is not None:
                 parts.append(f"mom{_num(self.momentum)}")
+            if self.cumulative:
+                parts.append("cumavg")
         if self.seed:
             parts.append(f"seed{self.seed}")
         return ":".join(parts)
@@ -199,6 +206,8 @@ def parse(text):
             kw["mode"] = low
         elif low == "const":
             kw["const"] = True
+        elif low == "cumavg":
+            kw["cumulative"] = True
         elif low.startswith("eaf"):
             kw["eaf"] = _float(low, "eaf")
         elif low.startswith("eps"):
@@ -217,7 +226,7 @@ def parse(text):
             raise DescriptorError(
                 f"option {tok!r} in {text!r}: expected a dtype ({', '.join(DTYPES)}), a layout "
                 f"({', '.join(LAYOUTS)}), a mode ({', '.join(MODES)}) or one of eaf<f>, eps<f>, "
-                f"mean<f>, std<f>, const, k<steps>, mom<f>, seed<int>")
+                f"mean<f>, std<f>, const, k<steps>, mom<f>, cumavg, seed<int>")
     if isinstance(dims, list):
         rank = len(dims)
         if layout is None:
@@ -257,7 +266,10 @@ def _check(case, text):
             raise DescriptorError(f"{text!r}: a parity case needs at least 2 values per channel")
         if case.momentum is not None and not 0.0 <= case.momentum <= 1.0:
             raise DescriptorError(f"{text!r}: mom must lie in [0, 1]")
-    elif case.momentum is not None or case.steps != 5:
+        if case.cumulative and (case.mode != "torch" or case.momentum is not None):
+            raise DescriptorError(f"{text!r}: cumavg (momentum=None) applies to torch parity only, "
+                                  f"without mom<f>")
+    elif case.momentum is not None or case.steps != 5 or case.cumulative:
         raise DescriptorError(f"{text!r}: k and mom apply to parity modes ({', '.join(PARITY_MODES)}) only")
 
 
@@ -425,6 +437,19 @@ def _parity():
     return [_c(d, "parity", *t) for d, t in p]
 
 
+def _frameworks():
+    """Parity cases of the other frameworks (refbn verify --framework; compare/frameworks.py)."""
+    p = [
+        ("n16c8h1w4:f32:NCHW:torch:k20:mean3:std2", ()),          # nn.BatchNorm1d on (N, C, W)
+        ("n4c3d2h4w4:f32:NCDHW:torch:k10:mean3:std2", ()),        # nn.BatchNorm3d
+        ("n16c8h4w4:f32:NCHW:torch:k20:cumavg:mean3:std2", ()),   # momentum=None
+        ("n16h4w4c8:f32:NHWC:flax:k20:eps1e-5:mean3:std2", ()),
+        ("n16h4w4c8:f32:NHWC:flax:k20:mom0.9:eps1e-5:mean3:std2", ()),
+        ("n16c8h4w4:f32:NCHW:keras:k20:mean3:std2", ()),
+    ]
+    return [_c(d, "frameworks", *t) for d, t in p]
+
+
 def _build_registry():
     cases, seen = [], set()
     for c in _tf_matrix() + _resnet50() + _edge() + _parity():
@@ -437,13 +462,16 @@ def _build_registry():
 
 
 REGISTRY = _build_registry()
-SUITES = ("tf_matrix", "grad_shape", "resnet50", "edge", "offset", "large_n", "parity")
+#: cases only ``refbn verify --framework`` adds (TF runs those of its modes too)
+FRAMEWORK_CASES = [c for c in _frameworks() if c not in REGISTRY]
+SUITES = ("tf_matrix", "grad_shape", "resnet50", "edge", "offset", "large_n", "parity", "frameworks")
 
 
-def registry(include_slow=True, suite=None):
-    """The registered cases (optionally without the slow ones, or one suite's)."""
+def registry(include_slow=True, suite=None, frameworks=False):
+    """The registered cases (optionally without the slow ones, or one suite's); frameworks:
+    with the cases of the other frameworks (the 'frameworks' suite) after TF's."""
     out = []
-    for c in REGISTRY:
+    for c in REGISTRY + (FRAMEWORK_CASES if frameworks or suite == "frameworks" else []):
         if not include_slow and c.slow:
             continue
         if suite is not None and suite not in c.tags:
@@ -455,7 +483,7 @@ def registry(include_slow=True, suite=None):
 def lookup(text):
     """A registered case (with its tags) for a descriptor, or a new untagged case."""
     case = parse(text)
-    for c in REGISTRY:
+    for c in REGISTRY + FRAMEWORK_CASES:
         if c == case:
             return c
     return case

@@ -137,6 +137,9 @@ def main(args):
             con.print(f"{c.descriptor():56s} {' '.join(sorted(c.tags))}", markup=False)
         con.print(f"{len(selected)} cases")
         return 0
+    if args.backend == "tf_eigen":   # bit-identity with TF's Eigen kernel, not a tolerance
+        from . import tf_eigen_check
+        return tf_eigen_check.main(args, selected, con)
     fmt = output_format(args)
     kernels = KERNELS if args.tf_kernel == "both" else (args.tf_kernel,)
     if "tf" not in fw_names:

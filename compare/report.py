@@ -39,12 +39,15 @@ from . import divergences as div
 
 FORMATS = ("table", "plain", "markdown", "json")
 STYLE = {"exact": "bold green", "close": "green", "divergence": "yellow", "unsupported": "dim",
-         "FAIL": "bold red"}
+         "not installed": "dim", "FAIL": "bold red", "match": "green"}
+VERDICTS = ("exact", "close", "divergence", "unsupported", "not installed", "FAIL")
 _DIV_SHORT = {div.ILL_CONDITIONED.name: "TF sums ill-conditioned",
               div.EMPTY_BATCH_TRAINING.name: "N == 0",
               div.INFERENCE_RESERVE_SPACES.name: "reserve spaces not compared",
               div.EIGEN_GRAD_NCHW_INFERENCE.name: "grad unsupported by TF"}
 TITLE = "refbn vs TensorFlow"
+#: the title when other frameworks ran too (the kernel column then names the implementation)
+TITLE_FRAMEWORKS = "refbn vs TensorFlow and the other frameworks (kernel: TF's kernel or the framework's implementation; TF: that one)"
 JSON_WHERE = "each result's repro in the JSON"  # where a FAIL's repro command is, in JSON output
 
 
@@ -195,8 +198,7 @@ def summary(results):
 
 def counts_line(results):
     counts = summary(results)
-    line = ", ".join(f"{counts[v]} {v}" for v in ("exact", "close", "divergence", "unsupported", "FAIL")
-                     if counts[v])
+    line = ", ".join(f"{counts[v]} {v}" for v in VERDICTS if counts[v])
     return f"{_plural(len(results), 'check')} ({line})"
 
 
@@ -211,6 +213,9 @@ def final_line(results, where="the repro lines above"):
         if counts["divergence"]:
             line += (f"; {_plural(counts['divergence'], 'documented divergence')} where TF is the one "
                      f"that is off (refbn verify --divergences)")
+    missing = [n for r in results if r.verdict == "not installed" for n in r.notes]
+    if missing:
+        line += "; " + "; ".join(dict.fromkeys(missing))
     unsupported = [r for r in results if r.verdict == "unsupported"]
     if unsupported:
         why = list(dict.fromkeys(n for r in unsupported for n in r.notes if "not run" in n))
@@ -507,7 +512,8 @@ def print_report(console, results, detail=False, fmt="table", final=True):
     """The whole report in one format (table, plain or markdown); final: end with
     :func:`final_line` (the CLI prints it itself, after its own last messages)."""
     w = WRITERS[fmt](console)
-    w.checks(TITLE, results_columns(results))
+    other = any(getattr(r, "framework", "tf") != "tf" for r in results)
+    w.checks(TITLE_FRAMEWORKS if other else TITLE, results_columns(results))
     for r in results:
         if detail or r.verdict == "FAIL":
             if r.outputs:
@@ -550,6 +556,34 @@ def print_final(console, results, fmt="table", where="the repro lines above"):
                                               blank=fmt != "json")
 
 
+CONVENTIONS_TITLE = ("Conventions, measured (refbn verify's probe: one training step on a 2x3x2x2 batch, "
+                     "n = 8 per channel; then 1x3x1x1, 0x3x2x2, and N(1e4, 0.01^2) with full weight on "
+                     "the new value)")
+
+
+def conventions_columns(rows):
+    from .frameworks import COLUMNS
+    cols = [Column("framework", [r.framework for r in rows]),
+            Column("implementation", [r.implementation for r in rows], breaks=" ", min_width=12)]
+    for i, name in enumerate(COLUMNS):
+        cols.append(Column(name, [r.cells.get(name, "-") for r in rows], breaks=" ,", min_width=10,
+                           rank=0 if i < 5 else 1))
+    cols.append(Column("refbn.BatchNorm", [r.refbn or "-" for r in rows], breaks=" ,", min_width=12, rank=2))
+    cols.append(Column("verdict", [r.verdict for r in rows], styles=[STYLE.get(r.verdict, "") for r in rows]))
+    return cols
+
+
+def print_conventions(console, rows, fmt="table"):
+    """The conventions table (every cell measured by the probe) and its failures."""
+    if not rows or fmt == "json":
+        return
+    w = WRITERS[fmt](console)
+    w.table(CONVENTIONS_TITLE, conventions_columns(rows))
+    for r in rows:
+        for f in r.failures:
+            w.item(f"FAIL conventions {r.implementation}: {f}")
+
+
 def divergences_table():
     t = Table(title="Documented TF divergences", box=box.SIMPLE_HEAVY, show_lines=True)
     t.add_column("name")
@@ -560,19 +594,25 @@ def divergences_table():
     return t
 
 
-def payload(results, meta):
-    """What ``--json FILE`` and ``--format json`` write: meta, summary, every metric of every check."""
-    return {"meta": dict(meta, python=platform.python_version()), "summary": dict(summary(results)),
-            "final": final_line(results, JSON_WHERE), "results": [r.as_dict() for r in results]}
+def payload(results, meta, conventions=None):
+    """What ``--json FILE`` and ``--format json`` write: meta, summary, every metric of every check
+    (and the measured conventions, when the probe ran)."""
+    out = {"meta": dict(meta, python=platform.python_version()), "summary": dict(summary(results)),
+           "final": final_line(results, JSON_WHERE), "results": [r.as_dict() for r in results]}
+    if conventions:
+        out["conventions"] = [{"framework": r.framework, "implementation": r.implementation, **r.cells,
+                               "refbn": r.refbn, "verdict": r.verdict, "failures": r.failures}
+                              for r in conventions]
+    return out
 
 
-def dumps(results, meta):
-    return json.dumps(payload(results, meta), indent=1, default=float)
+def dumps(results, meta, conventions=None):
+    return json.dumps(payload(results, meta, conventions), indent=1, default=float)
 
 
-def write_json(path, results, meta):
+def write_json(path, results, meta, conventions=None):
     with open(path, "w", encoding="utf-8") as f:
-        f.write(dumps(results, meta))
+        f.write(dumps(results, meta, conventions))
 
 
 def console(stderr=False):

@@ -216,8 +216,9 @@ for _ctx in ("tf_onednn", "tf_eigen"):
 # refbn.compare.frameworks: PyTorch's and ONNX Runtime's CPU kernels (float32 x) against the
 # float64 truth, and refbn against them (refbn verify --framework torch,onnxruntime).  Measured on
 # the CI registry (torch 2.13.0, onnxruntime 1.32): on well-conditioned data (|mean| < 100 std,
-# no constant channel) statistics <= 3.4 eps, y <= 2.9 eps, dx <= 2.1 eps, dscale/doffset <= 1.2
-# eps; torch's NHWC (channels_last) kernel sums in float32 (batch_mean 2.4e3 eps on N(1e4, 0.01^2)),
+# no constant channel) statistics <= 8.4 eps, y <= 5.6 eps, dx <= 2.1 eps, dscale/doffset <= 1.2
+# eps; on the whole registry torch's NHWC variance reaches 1.3e3 eps at n = 449,199 and its y
+# 1.7e3 eps at 32x112x112x64 (allowed 8 + n/32 = 1.4e4 / 1.3e4), dx 5.0 eps; torch's NHWC (channels_last) kernel sums in float32 (batch_mean 2.4e3 eps on N(1e4, 0.01^2)),
 # its y = x*alpha + (bias - mean*alpha) cancels (49 eps on a constant channel): documented
 # divergences, where refbn is the one within tolerance of the truth.
 _FW_SUMS = ("the framework's CPU kernel reduces the n values of a channel in float32 or float64 "
@@ -234,6 +235,10 @@ for _ctx in ("torch_cpu", "onnxruntime_cpu"):
             8.0, "sum(dy * x_hat), judged against sum(|dy * x_hat|); measured <= 1.2 eps"),
         (_ctx, "offset_backprop", "f32"): Tolerance(
             8.0, "sum(dy), judged against sum(|dy|); measured <= 0.7 eps"),
+        # refbn bench --dtypes float16,bfloat16: torch's CPU kernel computes half-precision x in
+        # float32 and rounds y / dx once to the 16-bit dtype, as TF does
+        (_ctx, "*", "bf16"): Tolerance(2.0, _TF_16BIT),
+        (_ctx, "*", "f16"): Tolerance(2.0, _TF_16BIT),
     })
 _PARITY = ("K float32 training steps: batch statistics from float32 sums (Keras 3: "
            "E[x^2] - E[x]^2, cancelling by (mean^2 + var)/var = 3.25 on N(3, 2^2) data; tf-keras "
