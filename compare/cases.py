@@ -185,6 +185,23 @@ def _float(token, prefix):
     return v
 
 
+def _token_kind(low, tok):
+    """Which field a descriptor token sets (so that a field given twice is refused, not
+    silently overwritten by the last one)."""
+    if low in DTYPES or low in ("float16", "bfloat16", "float32", "half", "f64", "float64"):
+        return "dtype"
+    if tok.upper() in LAYOUTS:
+        return "layout"
+    if low in MODES:
+        return "mode"
+    for prefix in ("eaf", "eps", "mean", "std", "mom", "seed"):
+        if low.startswith(prefix):
+            return prefix
+    if low.startswith("k") and low[1:].isdigit():
+        return "k"
+    return low
+
+
 def parse(text):
     """A :class:`Case` from its descriptor (see the module docstring)."""
     if isinstance(text, Case):
@@ -194,8 +211,13 @@ def parse(text):
     fields = [f for f in text.strip().split(":")]
     dims = _parse_dims(fields[0])
     kw, layout = {}, None
+    seen = {}
     for tok in fields[1:]:
         low = tok.lower()
+        kind = _token_kind(low, tok)
+        if kind in seen:
+            raise DescriptorError(f"case {text!r}: {kind} given twice ({seen[kind]!r} and {tok!r})")
+        seen[kind] = tok
         if low in DTYPES or low in ("float16", "bfloat16", "float32", "half"):
             kw["dtype"] = dtypes.short_name(low)
         elif low in ("f64", "float64"):
