@@ -1,15 +1,20 @@
 """``refbn verify --backend tf_eigen``: refbn's emulation of TF's Eigen CPU kernel, bit for bit.
 
 Not a tolerance check: every output TF defines for a case must have the same bits as
-``refbn.raw_ops.FusedBatchNormV3(..., backend="tf_eigen")`` (NaN matches NaN).  TF runs in
-one worker process with ``TF_ENABLE_ONEDNN_OPTS=0`` (compare/runner.py's TFWorker, the same
-inputs as every other check: compare.cases.make_inputs).  Per case: ``exact``, or ``FAIL``
-with the outputs that differ, their largest distance in ulps and a repro line.
+``refbn.raw_ops.FusedBatchNormV3`` / ``FusedBatchNormGradV3(..., backend="tf_eigen")`` (NaN
+matches NaN).  TF runs in one worker process with ``TF_ENABLE_ONEDNN_OPTS=0`` and
+``TF_NUM_INTRAOP_THREADS`` set to the thread count the emulation assumes
+(refbn.backends.tf_eigen.intra_op_threads: the gradient's sums depend on it), through
+compare/runner.py's TFWorker with the same inputs as every other check
+(compare.cases.make_inputs).  Per case: ``exact``, or ``FAIL`` with the outputs that differ,
+their largest distance in ulps and a repro line.
 
 Compared: y, batch_mean, batch_variance (Bessel-corrected, or the moving averages when
 exponential_avg_factor != 1) and, in training, reserve_space_1/2 (in inference TF's Eigen
-kernel leaves them uninitialised).  Not compared, and said so: FusedBatchNormGradV3 (not
-emulated yet), the multi-step parity cases, and empty batches (see eigen_op_cases).
+kernel leaves them uninitialised); then the gradient's x_backprop, scale_backprop and
+offset_backprop, both modes.  Where TF refuses the gradient (channels-first inference), refbn
+must refuse it too.  Not compared, and said so: the multi-step parity cases and empty batches
+(see eigen_op_cases).
 """
 import os
 import platform
@@ -26,6 +31,7 @@ from . import cases as cases_mod
 BACKEND = "tf_eigen"
 TRAIN_OUTPUTS = ("y", "batch_mean", "batch_variance", "reserve_space_1", "reserve_space_2")
 INFER_OUTPUTS = ("y", "batch_mean", "batch_variance")
+GRAD_OUTPUTS = ("x_backprop", "scale_backprop", "offset_backprop")
 
 
 def _ordered(a):
@@ -68,7 +74,7 @@ def eigen_op_cases(selected):
 
 
 def emulate(case):
-    """refbn's tf_eigen outputs for an op case, by name."""
+    """refbn's tf_eigen forward outputs for an op case, by name."""
     inp = cases_mod.make_inputs(case)
     r = refbn.raw_ops.FusedBatchNormV3(inp.x, inp.scale, inp.offset, inp.mean, inp.variance,
                                        epsilon=case.eps, exponential_avg_factor=case.eaf,
@@ -77,18 +83,47 @@ def emulate(case):
     return r._asdict()
 
 
+def emulate_grad(case):
+    """refbn's tf_eigen gradient outputs for an op case, by name (the arguments TF's worker
+    gives FusedBatchNormGradV3: compare.cases.make_inputs' dy, grad_mean, grad_variance)."""
+    inp = cases_mod.make_inputs(case)
+    g = refbn.raw_ops.FusedBatchNormGradV3(inp.dy, inp.x, inp.scale, inp.grad_mean, inp.grad_variance,
+                                           np.zeros(0, np.float32), epsilon=case.eps,
+                                           data_format=case.layout, is_training=case.is_training,
+                                           backend=BACKEND)
+    return g._asdict()
+
+
+def _compare_grad(case, tf_arrays, tf_info):
+    """({name: (differing, max_ulps)}, error, note) for the gradient."""
+    tf_err = tf_info.get("grad_error")
+    try:
+        mine = emulate_grad(case)
+    except (ValueError, TypeError) as e:
+        if tf_err:   # both refuse: as TF
+            return {}, "", f"gradient refused by TF and by refbn, as TF ({tf_err.split(': ', 1)[0]})"
+        return {}, f"refbn refused the gradient, TF computed it: {type(e).__name__}: {e}", ""
+    if tf_err:
+        return {}, f"TF refused the gradient, refbn computed it: {tf_err}", ""
+    return {n: ulp_distance(mine[n], tf_arrays[f"grad.{n}"]) for n in GRAD_OUTPUTS}, "", ""
+
+
 def compare(case, tf_arrays, tf_info):
-    """{'verdict': 'exact'|'FAIL', 'outputs': {name: (differing, max_ulps)}, 'error': str}."""
+    """{'verdict': 'exact'|'FAIL', 'outputs': {name: (differing, max_ulps)}, 'error': str,
+    'note': str}; the outputs are the forward's (y, ...) then the gradient's (x_backprop, ...)."""
     names = TRAIN_OUTPUTS if case.is_training else INFER_OUTPUTS
     if "fwd_error" in tf_info:
-        return {"verdict": "FAIL", "outputs": {}, "error": f"TF refused: {tf_info['fwd_error']}"}
+        return {"verdict": "FAIL", "outputs": {}, "error": f"TF refused: {tf_info['fwd_error']}", "note": ""}
     try:
         mine = emulate(case)
     except (ValueError, TypeError) as e:
-        return {"verdict": "FAIL", "outputs": {}, "error": f"refbn refused: {type(e).__name__}: {e}"}
+        return {"verdict": "FAIL", "outputs": {}, "error": f"refbn refused: {type(e).__name__}: {e}",
+                "note": ""}
     outs = {n: ulp_distance(mine[n], tf_arrays[f"fwd.{n}"]) for n in names}
-    bad = any(k != 0 for k, _ in outs.values())
-    return {"verdict": "FAIL" if bad else "exact", "outputs": outs, "error": ""}
+    grad_outs, error, note = _compare_grad(case, tf_arrays, tf_info)
+    outs.update(grad_outs)
+    bad = bool(error) or any(k != 0 for k, _ in outs.values())
+    return {"verdict": "FAIL" if bad else "exact", "outputs": outs, "error": error, "note": note}
 
 
 def machine():
@@ -105,12 +140,30 @@ def machine():
     return model
 
 
-def run(selected, on_result=None):
-    """Runs TF's Eigen kernel and the emulation on the op cases; yields (case, result dict)."""
+def _start_worker(tmp, threads):
+    """TF's Eigen worker with ``threads`` intra-op threads (TF reads TF_NUM_INTRAOP_THREADS when
+    it starts; the worker inherits this process's environment)."""
     from .runner import TFWorker
+    before = os.environ.get("TF_NUM_INTRAOP_THREADS")
+    os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
+    try:
+        return TFWorker("eigen", tmp)
+    finally:
+        if before is None:
+            del os.environ["TF_NUM_INTRAOP_THREADS"]
+        else:
+            os.environ["TF_NUM_INTRAOP_THREADS"] = before
+
+
+def run(selected, on_result=None, threads=None):
+    """Runs TF's Eigen kernel and the emulation on the op cases; yields (case, result dict).
+    ``threads``: TF's intra-op thread count, emulated too (default: tf_eigen.intra_op_threads())."""
+    from refbn.backends import tf_eigen
     todo, _ = eigen_op_cases(selected)
+    threads = tf_eigen.intra_op_threads() if threads is None else threads
     with tempfile.TemporaryDirectory(prefix="refbn-tf-eigen-") as tmp:
-        worker = TFWorker("eigen", tmp)
+        worker = _start_worker(tmp, threads)
+        previous = tf_eigen.set_intra_op_threads(threads)
         try:
             hello = worker.start()
             for i, case in enumerate(todo):
@@ -120,31 +173,41 @@ def run(selected, on_result=None):
                 res = compare(case, arrays, info)
                 res["seconds"] = time.perf_counter() - t0
                 res["tf_version"] = hello.get("tf_version", "?")
+                res["threads"] = threads
                 yield case, res
         finally:
+            tf_eigen.set_intra_op_threads(previous)
             worker.close()
 
 
-def repro(case):
-    return f"refbn verify '{case.descriptor()}' --backend {BACKEND}"
+def repro(case, threads=None):
+    """The command that repeats one case (with the thread count, which the gradient's bits need)."""
+    prefix = "" if threads is None else f"TF_NUM_INTRAOP_THREADS={threads} "
+    return f"{prefix}refbn verify '{case.descriptor()}' --backend {BACKEND}"
 
 
 def main(args, selected, con):
     """The CLI's --backend tf_eigen branch: exit status 0 when every compared case is exact."""
+    from refbn.backends import tf_eigen
+
     from .runner import TFUnavailable
     todo, skipped = eigen_op_cases(selected)
-    n_exact, fails, version = 0, [], "?"
+    n_exact, n_grad, n_refused, fails, version = 0, 0, 0, [], "?"
+    threads = tf_eigen.intra_op_threads()
     try:
-        for case, res in run(todo):
+        for case, res in run(todo, threads=threads):
             version = res["tf_version"]
             if res["verdict"] == "exact":
                 n_exact += 1
-                con.print(Text(f"exact  {case.descriptor()}"), soft_wrap=True)
+                n_grad += "x_backprop" in res["outputs"]
+                n_refused += bool(res["note"])
+                note = f"  ({res['note']})" if res["note"] else ""
+                con.print(Text(f"exact  {case.descriptor()}{note}"), soft_wrap=True)
             else:
                 fails.append(case)
                 worst = ", ".join(f"{n}: {k} differ, max {u} ulps" for n, (k, u) in res["outputs"].items() if k)
                 con.print(Text(f"FAIL   {case.descriptor()}  {worst or res['error']}"), soft_wrap=True)
-                con.print(Text(f"       repro: {repro(case)}"), soft_wrap=True)
+                con.print(Text(f"       repro: {repro(case, threads)}"), soft_wrap=True)
     except TFUnavailable as e:
         con.print(Text(f"refbn verify: TensorFlow failed: {e}"), soft_wrap=True)
         con.print(Text(f"FAIL: TensorFlow (Eigen) could not run; {n_exact} case(s) checked before"), soft_wrap=True)
@@ -153,17 +216,19 @@ def main(args, selected, con):
         con.print(Text(f"not compared  {d}: {why}"), soft_wrap=True)
     con.print(Text(
         f"machine: {machine()}; TF's Eigen build uses AVX packets of 8 floats. Machine-dependent: the "
-        "vrsqrtps estimate (its bits are the CPU's own) in y of channels below 8*floor(C/8); "
-        "refbn runs the same instruction here, so y matches TF on the same CPU. Not dependent: the "
-        "sums (each channel is one thread's), TF's intra-op thread count."))
+        "vrsqrtps estimate (its bits are the CPU's own) in y, x_backprop and scale_backprop of channels "
+        "below 8*floor(C/8); refbn runs the same instruction here, so they match TF on the same CPU. "
+        f"TF's intra-op thread count: {threads} (TF_NUM_INTRAOP_THREADS, emulated). The gradient's sums "
+        "(TF's ReduceOuterDimensions) split the rows into per-thread blocks when C <= 32 * threads, so "
+        "its bits depend on that count; the forward's sums do not (each channel is one thread's)."))
     con.print()
-    head = f"TensorFlow {version} Eigen, backend {BACKEND}"
-    tail = (f"; {len(skipped)} case(s) not compared (see above); gradients (FusedBatchNormGradV3) "
-            "are not emulated yet")
+    head = f"TensorFlow {version} Eigen, {threads} intra-op thread(s), backend {BACKEND}"
+    tail = f"; {len(skipped)} case(s) not compared (see above)"
     if fails:
         con.print(Text(f"FAIL: {len(fails)} of {len(todo)} case(s) not bit-identical ({head}){tail}; "
                        "see the repro lines above"))
         return 1
     con.print(Text(f"OK: {n_exact} case(s) bit-identical ({head}: y, batch_mean, batch_variance, "
-                   f"reserve_space_1/2){tail}"))
+                   f"reserve_space_1/2; x_backprop, scale_backprop, offset_backprop in {n_grad}, the "
+                   f"gradient refused by both as TF in {n_refused}){tail}"))
     return 0

@@ -66,7 +66,8 @@ def FusedBatchNormV3(x, scale, offset, mean, variance, epsilon=0.0001, exponenti
     if is_training:
         validate.nonempty_batch(layout.count, x.shape)
     tr = core.new_trace("FusedBatchNormV3", want_trace, layout, data_format=data_format,
-                        is_training=is_training, x=f"{x.dtype.name}{list(x.shape)}", backend=backend)
+                        is_training=is_training, x=f"{x.dtype.name}{list(x.shape)}",
+                        backend=backend) if want_trace else None
     s64, o64 = scale.astype(np.float64), offset.astype(np.float64)
     if is_training:
         y, bmean, bvar = core.forward_training(x, layout, s64, o64, epsilon, kernel, out, tr)
@@ -120,8 +121,12 @@ def FusedBatchNormGradV3(y_backprop, x, scale, reserve_space_1, reserve_space_2,
     validate.nonnegative(variance, "reserve_space_2")
     if is_training:
         validate.nonempty_batch(layout.count, x.shape)
+    check = getattr(kernel, "check_backward", None)   # what a backend's kernel refuses (tf_eigen:
+    if check is not None:                              # TF's channels-first inference gradient)
+        check(layout, is_training)
     tr = core.new_trace("FusedBatchNormGradV3", want_trace, layout, data_format=data_format,
-                        is_training=is_training, x=f"{x.dtype.name}{list(x.shape)}", backend=backend)
+                        is_training=is_training, x=f"{x.dtype.name}{list(x.shape)}",
+                        backend=backend) if want_trace else None
     dx, dgamma, dbeta = core.backward(dy, x, layout, scale.astype(np.float64), mean.astype(np.float64),
                                       variance.astype(np.float64), epsilon, is_training, kernel, out, tr)
     result = (dx, _stats(dgamma, sdt), _stats(dbeta, sdt), np.zeros(0, sdt), np.zeros(0, sdt))

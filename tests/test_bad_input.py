@@ -56,7 +56,7 @@ FWD_CASES = [
     ("empty-batch", dict(x=np.ones((0, 4, 4, C), np.float32)), {}, ValueError,
      r"x: training needs at least 1 value per channel .* got shape \(0, 4, 4, 3\)"),
     ("is_training", {}, dict(is_training="yes"), TypeError, r"is_training: expected True or False, got 'yes'"),
-    ("backend", {}, dict(backend="cuda"), ValueError, r"backend: expected one of 'numpy', 'numba', got 'cuda'"),
+    ("backend", {}, dict(backend="cuda"), ValueError, r"backend: expected one of 'numpy', 'numba', 'tf_eigen', got 'cuda'"),
     ("out-shape", {}, dict(out=np.empty((2, 2, C), np.float32)), ValueError,
      r"out: expected shape \(2, 2, 2, 3\) and dtype float32"),
 ]

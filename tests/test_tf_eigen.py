@@ -1,8 +1,10 @@
 """backend="tf_eigen" against TensorFlow's Eigen CPU kernel itself, bit for bit, and refbn explain.
 
-TF runs once for the module, in its own process with TF_ENABLE_ONEDNN_OPTS=0 (compare/runner.py's
-TFWorker, through compare/tf_eigen_check.py); the truth of every bit test is TF's output.  Skipped
-where TensorFlow is not installed.  Budget: under 60 s (about 20 s here, most of it TF's start).
+TF runs in its own process with TF_ENABLE_ONEDNN_OPTS=0 (compare/runner.py's TFWorker, through
+compare/tf_eigen_check.py): once for the module with the default intra-op thread count, once more
+with one thread for the gradient's thread dependence.  The truth of every bit test is TF's output
+(forward and gradient, both modes).  Skipped where TensorFlow is not installed.  Budget: under
+60 s (about 30 s here, most of it the two TF starts).
 """
 import importlib.util
 from fractions import Fraction
@@ -13,6 +15,7 @@ import pytest
 import refbn
 from refbn import explain
 from refbn.compare import cases as cases_mod
+from refbn.compare import tf_eigen_check
 
 CASES = [
     "n4h5w5c8:f32:NHWC:train:mean3:std2",        # C % 8 == 0: 4 interleaved sums, packet rsqrt
@@ -32,25 +35,94 @@ CASES = [
     "n16h64w64c4:f32:NHWC:train:mean1e4:std0.01",
     "n8h56w56c64:f32:NHWC:train",                 # ResNet-50 conv2 (batch 8)
     "n2h3w4c5:f32:NHWC:train:eps1e-6:std0.001",
+    # the gradient (every case above checks it too; these add what it does differently)
+    "n2h3w3c37:f32:NHWC:infer",                   # FreezeGrad, C % 8 != 0, 18 rows
+    "n1c16h3w4:f32:NCHW:train",                   # 12 rows, channels first
+    "n4h6w6c12:f16:NHWC:train:mean3:std2",        # float16 dy summed from T (sizeof 2 in the cost model)
+    "n2h5w5c11:bf16:NHWC:infer",
+    "n4h16w16c8:f32:NHWC:infer:mean1e4:std0.01",  # offset data, inference
+    "n8h7w7c2048:f32:NHWC:train",                 # ResNet-50 res5 (batch 8): C > 32 * threads, in order
+    "n8h14w14c1024:f32:NHWC:infer",               # ResNet-50 res4 (batch 8)
+    "n1h1w1c3:f32:NHWC:train",                    # one row: ReduceOuterDimensions passes it through
 ]
+#: the gradient's sums depend on TF's thread count here: C <= 32 threads, enough rows for 2 blocks
+THREAD_CASES = ["n8h56w56c64:f32:NHWC:train", "n16h64w64c4:f32:NHWC:infer:mean3:std2"]
 
 need_tf = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="TensorFlow is not installed")
 
 
 @pytest.fixture(scope="module")
 def tf_results():
-    from refbn.compare import tf_eigen_check
     return {c.descriptor(): res for c, res in tf_eigen_check.run([cases_mod.parse(d) for d in CASES])}
 
 
 @need_tf
 @pytest.mark.parametrize("descriptor", CASES)
 def test_bit_identical_to_tf_eigen(tf_results, descriptor):
-    res = tf_results[cases_mod.parse(descriptor).descriptor()]
+    case = cases_mod.parse(descriptor)
+    res = tf_results[case.descriptor()]
     assert res["error"] == ""
     assert res["outputs"], "nothing compared"
     assert {k: v for k, v in res["outputs"].items() if v[0] != 0} == {}
+    channels_first_inference = not case.is_training and case.layout in ("NCHW", "NCDHW")
+    if channels_first_inference:     # TF's Eigen gradient refuses it, and so does refbn's emulation
+        assert "refused by TF and by refbn" in res["note"]
+        assert "x_backprop" not in res["outputs"]
+    else:
+        assert set(tf_eigen_check.GRAD_OUTPUTS) <= set(res["outputs"])
     assert res["verdict"] == "exact"
+
+
+@need_tf
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gradient_follows_tf_thread_count(threads):
+    from refbn.backends import tf_eigen
+    cases = [cases_mod.parse(d) for d in THREAD_CASES]
+    for case, res in tf_eigen_check.run(cases, threads=threads):
+        assert res["threads"] == threads
+        assert res["error"] == "" and {k: v for k, v in res["outputs"].items() if v[0] != 0} == {}
+        assert res["verdict"] == "exact", case.descriptor()
+    # not vacuous: the emulated sums of these cases do differ between 1 and 2 threads
+    for case in cases:
+        got = []
+        for t in (1, 2):
+            before = tf_eigen.set_intra_op_threads(t)
+            try:
+                got.append(tf_eigen_check.emulate_grad(case)["scale_backprop"])
+            finally:
+                tf_eigen.set_intra_op_threads(before)
+        assert not np.array_equal(got[0], got[1]), case.descriptor()
+
+
+def test_reduction_blocks_by_hand():
+    # redux_functor.h with 2 threads, 65536 rows x 4 channels: min_block_size = ceil(2000/4) = 500,
+    # num_blocks = min(65536, ceil(262144/500), 2) = 2 of 32768 rows; Eigen's cost model gives the
+    # 2 tasks 2 threads (2 * 32768 * 4 * (4 * 11/64 + 1) cycles >> 210000), so 2 row blocks
+    from refbn.backends.tf_eigen import reduction_row_blocks
+    assert reduction_row_blocks(65536, 4, 2) == [(0, 32768), (32768, 65536)]
+    assert reduction_row_blocks(65536, 4, 1) == [(0, 65536)]          # one thread: in order
+    assert reduction_row_blocks(65536, 65, 2) == [(0, 65536)]         # C > 32 * threads: in order
+    assert reduction_row_blocks(100, 13, 2) == [(0, 100)]             # 1300 values: one block
+    # 2 tasks of 200 rows x 13 = 2600 values: 2 * 2600 * 1.6875 = 8775 cycles, one thread
+    assert reduction_row_blocks(400, 13, 2) == [(0, 400)]
+    assert reduction_row_blocks(65536, 4, 3) == [(0, 21846), (21846, 43692), (43692, 65536)]
+
+
+def test_gradient_refusals_and_inputs_left_alone():
+    rng = np.random.default_rng(0)
+    x, dy = (rng.normal(size=(2, 5, 3, 5)).astype(np.float32) for _ in range(2))   # C = 5 either way
+    args = (np.ones(5, np.float32), np.zeros(5, np.float32), np.ones(5, np.float32), [])
+    with pytest.raises(ValueError, match="data_format: .*is_training=False.*channels-last"):
+        refbn.raw_ops.FusedBatchNormGradV3(dy, x, *args, data_format="NCHW", is_training=False,
+                                           backend="tf_eigen")
+    with pytest.raises(TypeError, match="x: .*float64"):
+        refbn.raw_ops.FusedBatchNormGradV3(dy.astype(np.float64), x.astype(np.float64), *args,
+                                           backend="tf_eigen")
+    before = x.copy(), dy.copy()
+    for fmt, training in (("NCHW", True), ("NHWC", False), ("NHWC", True)):
+        refbn.raw_ops.FusedBatchNormGradV3(dy, x, *args, data_format=fmt, is_training=training,
+                                           backend="tf_eigen")
+    assert np.array_equal(x, before[0]) and np.array_equal(dy, before[1])
 
 
 def test_refuses_float64_x_and_leaves_inputs_alone():
