@@ -16,7 +16,8 @@ way whether or not a trace is recorded.  ``"tf_eigen"`` is not a reference: it r
 float32 operations of TF's Eigen CPU kernel to reproduce its bits (refbn/backends/tf_eigen.py).
 A backend may also define ``running_statistics(mean, variance, n, factor, old_mean,
 old_variance)``, its own arithmetic for the Bessel correction and the moving average (outputs
-1-2 of FusedBatchNormV3); raw_ops uses it when present.  Backends are imported on first use, so
+1-2 of FusedBatchNormV3), and ``check_backward(layout, is_training)``, which may refuse a
+gradient call (ValueError) before anything is computed; raw_ops uses them when present.  Backends are imported on first use, so
 ``import refbn`` never loads numba.
 """
 import importlib
