@@ -1,8 +1,10 @@
 """The memory floors: the cheapest passes that move the bytes an op must move.
 
-Each floor is timed two ways, numpy (single-threaded C loops; ``np.copyto``
-uses the C library's memcpy) and a parallel numba loop, and the faster one
-counts, so the floor is never an easy target:
+Each floor is timed several ways, all over every core but the first:
+numpy on one thread (``np.copyto`` uses the C library's memcpy), numpy on
+one slice per thread at once, two parallel numba loops, and torch's own
+passes when torch is loaded; the fastest counts (and is reported), so the
+floor is never an easy target:
 
     read   one pass reading x            (a sum)
     copy   read x, write y               (training forward = read + copy,
@@ -38,17 +40,89 @@ def _add(a, b, c):
         c[i] = a[i] + b[i]
 
 
-def floor_callables(x, dy, out):
-    """name -> (pass kind, callable) on flat views of contiguous arrays."""
+@njit(parallel=True, cache=True, fastmath={"reassoc"})
+def _read_chunks(a, chunk):
+    """The read pass as explicit chunks per work item (a serial, vectorised sum inside each)."""
+    chunks = (a.size + chunk - 1) // chunk
+    part = np.zeros(chunks)
+    for j in prange(chunks):
+        s = 0.0
+        for i in range(j * chunk, min(a.size, (j + 1) * chunk)):
+            s += a[i]
+        part[j] = s
+    return part.sum()
+
+
+@njit(parallel=True, cache=True)
+def _copy_chunks(a, b, chunk):
+    chunks = (a.size + chunk - 1) // chunk
+    for j in prange(chunks):
+        b[j * chunk:min(a.size, (j + 1) * chunk)] = a[j * chunk:min(a.size, (j + 1) * chunk)]
+
+
+_POOL = {}
+
+
+def _pool(threads):
+    """A thread pool of ``threads`` workers (numpy releases the GIL in its copy/add/sum loops)."""
+    if threads not in _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL[threads] = ThreadPoolExecutor(threads, thread_name_prefix="refbn-floor")
+    return _POOL[threads]
+
+
+def _split(n, threads, itemsize):
+    """``threads`` contiguous index ranges covering n, cut on 4 KB boundaries."""
+    step = -(-n // threads)
+    step = -(-step * itemsize // 4096) * 4096 // itemsize
+    return [(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def _threaded(fn, parts, threads):
+    pool = _pool(threads)
+    return [f.result() for f in [pool.submit(fn, lo, hi) for lo, hi in parts]]
+
+
+def _numba_view(a):
+    """numba has no float16/bfloat16 arrays: 16-bit data is read as its uint16 bits."""
+    return a.view(np.uint16) if a.dtype.itemsize == 2 else a
+
+
+def floor_callables(x, dy, out, threads=None, extra=None):
+    """name -> (pass kind, callable) on flat views of contiguous arrays.
+
+    Methods: ``numpy`` (one thread; ``np.copyto`` is the C library's memcpy), ``numpy-threads``
+    (the same numpy loop on ``threads`` slices at once, in a thread pool), ``numba`` (a parallel
+    loop over the elements), ``numba-chunks`` (a parallel loop over 64K-value chunks, each a
+    serial loop or slice copy), and any ``extra`` ones (torch's ``sum``/``copy_``/``add``)."""
     xf, dyf, of = x.reshape(-1), dy.reshape(-1), out.reshape(-1)
-    return {
+    xn, dyn, on = _numba_view(xf), _numba_view(dyf), _numba_view(of)
+    chunk = 1 << 16
+    fns = {
         "read:numpy": ("read", lambda: xf.sum()),
-        "read:numba": ("read", lambda: _read(xf)),
+        "read:numba": ("read", lambda: _read(xn)),
+        "read:numba-chunks": ("read", lambda: _read_chunks(xn, chunk)),
         "copy:numpy": ("copy", lambda: np.copyto(of, xf)),
-        "copy:numba": ("copy", lambda: _copy(xf, of)),
+        "copy:numba": ("copy", lambda: _copy(xn, on)),
+        "copy:numba-chunks": ("copy", lambda: _copy_chunks(xn, on, chunk)),
         "add:numpy": ("add", lambda: np.add(xf, dyf, out=of)),
-        "add:numba": ("add", lambda: _add(xf, dyf, of)),
+        "add:numba": ("add", lambda: _add(xn, dyn, on)),
     }
+    if threads and threads > 1:
+        parts = _split(xf.size, threads, xf.itemsize)
+        fns["read:numpy-threads"] = ("read", lambda: _threaded(lambda lo, hi: xf[lo:hi].sum(), parts, threads))
+        fns["copy:numpy-threads"] = ("copy", lambda: _threaded(lambda lo, hi: np.copyto(of[lo:hi], xf[lo:hi]),
+                                                              parts, threads))
+        fns["add:numpy-threads"] = ("add", lambda: _threaded(
+            lambda lo, hi: np.add(xf[lo:hi], dyf[lo:hi], out=of[lo:hi]), parts, threads))
+    fns.update(extra or {})
+    return {k: v for k, v in fns.items() if v is not None}
+
+
+#: floor methods, for the caption: name -> what it is
+METHODS = {"numpy": "numpy, one thread (np.copyto = memcpy)", "numpy-threads": "numpy on one slice per thread",
+           "numba": "numba prange over values", "numba-chunks": "numba prange over 64K-value chunks",
+           "torch": "torch sum / copy_ / add(out=) on its threads"}
 
 
 #: which floor passes each op needs, summed

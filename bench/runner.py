@@ -23,8 +23,8 @@ from . import data, floors
 
 @dataclass
 class Contender:
-    name: str                  # numpy, numba, tf_onednn, tf_eigen, read:numpy, ...
-    family: str                # refbn | tf | floor
+    name: str                  # numpy, numba, torch, tf_onednn, tf_eigen, read:numpy, ...
+    family: str                # refbn | torch | jax | tf | floor
     run: object
     outputs: object = None     # () -> {output: array}; None for floors
     context: str = None        # tolerance context for validation
@@ -76,11 +76,18 @@ def tf_contenders(inp, op, tf_module, kernel):
     return [Contender(f"tf_{kernel}", "tf", run, outputs, f"tf_{kernel}")]
 
 
-def floor_contenders(inp, op, buffers):
+def torch_contenders(inp, op, torch_module):
+    run, outputs = torch_module.ops(inp, data.EPSILON, (op,))[op]
+    return [Contender("torch", "torch", run, outputs, "torch_cpu")]
+
+
+def floor_contenders(inp, op, buffers, threads=None, torch_module=None):
+    """The floor passes of ``op``, each by every method (see refbn.bench.floors)."""
     buf = buffers.setdefault("floor", np.empty_like(inp.x))
     passes = floors.PASSES[op]
-    return [Contender(name, "floor", fn) for name, (kind, fn) in floors.floor_callables(inp.x, inp.dy, buf).items()
-            if kind in passes]
+    extra = torch_module.floor_callables(inp.x, inp.dy, buf) if torch_module is not None else None
+    return [Contender(name, "floor", fn) for name, (kind, fn) in
+            floors.floor_callables(inp.x, inp.dy, buf, threads, extra).items() if kind in passes]
 
 
 def validate(c, inp, op, scales):
@@ -98,7 +105,7 @@ def validate(c, inp, op, scales):
     for name in data.OUTPUTS[op]:
         dt = inp.x.dtype if name in ("y", "x_backprop") else dtypes.stats_dtype(inp.x.dtype)
         cmp = compare(outs[name], truth[name], name, dt, c.context, scale=scales.get(name))
-        if c.family == "tf":
+        if c.family not in ("refbn", "floor"):   # a framework's float32 sums: allowance grows with n
             with_reduction(cmp, inp.n)
         c.checks.append({"output": name, "dtype": cmp.dtype, "context": cmp.context,
                          "max_ulps": cmp.max_ulps, "allowed_ulps": cmp.allowed_ulps,
@@ -108,8 +115,12 @@ def validate(c, inp, op, scales):
     return c.refused is None
 
 
-def time_group(contenders, repeats, warmup, flush, gap_s, tick=None):
-    """Alternate the accepted contenders for ``repeats`` rounds; times go to c.times (seconds)."""
+def time_group(contenders, repeats, warmup, flush, gap_s, tick=None, calls=1):
+    """Alternate the accepted contenders for ``repeats`` rounds; times go to c.times (seconds).
+
+    ``calls`` > 1 (small batches): each timed sample is the mean of that many back-to-back calls,
+    without a flush, so that it measures the per-call cost in steady state (what a serving loop
+    or a small layer sees), not the wake-up of sleeping threads after a pause."""
     active = [c for c in contenders if c.refused is None]
     for c in active:
         for _ in range(warmup):
@@ -117,12 +128,15 @@ def time_group(contenders, repeats, warmup, flush, gap_s, tick=None):
     for r in range(repeats):
         k = r % len(active) if active else 0
         for c in active[k:] + active[:k]:
-            flush()
+            if calls == 1:
+                flush()
             if gap_s:
                 time.sleep(gap_s)
+            run = c.run
             t0 = time.perf_counter()
-            c.run()
-            c.times.append(time.perf_counter() - t0)
+            for _ in range(calls):
+                run()
+            c.times.append((time.perf_counter() - t0) / calls)
         if tick:
             tick()
 
@@ -138,7 +152,7 @@ def summarize(contenders, inp, op):
         floor_parts[kind] = {"ms": best[0], "by": best[1]}
         floor_ms += best[0]
     rec = {"shape": str(inp.spec), "dims": list(inp.spec.shape), "data_format": inp.spec.data_format,
-           "dtype": inp.x.dtype.name, "op": op, "n_per_channel": inp.n, "floor_bytes": nbytes,
+           "dtype": inp.x.dtype.name, "op": op, "n_per_channel": inp.n, "values": int(inp.x.size), "floor_bytes": nbytes,
            "floor_ms": floor_ms, "floor_parts": floor_parts, "contenders": {}}
     for c in contenders:
         d = {"family": c.family, "refused": c.refused, "checks": c.checks, "first_call_s": c.first_call_s,
@@ -150,14 +164,27 @@ def summarize(contenders, inp, op):
     return rec
 
 
+#: the other frameworks' kernels, in the layout of the record (torch: channels_last for a
+#: channels-last refbn layout, contiguous for channels first)
+PEERS = ("torch", "jax", "tf_onednn", "tf_eigen")
+
+
 def add_ratios(rec):
-    """numba/TF and numpy/TF ratios (medians), once every contender of the record is in."""
+    """numba/peer and numpy/peer ratios (medians), and numba/the fastest peer, once every
+    contender of the record is in."""
     cs = rec["contenders"]
-    for tf_name in ("tf_onednn", "tf_eigen"):
+    for tf_name in PEERS:
         tf_ms = cs.get(tf_name, {}).get("median_ms")
         if not tf_ms:
             continue
         for name in ("numba", "numpy"):
             if cs.get(name, {}).get("median_ms"):
                 cs[name][f"x_{tf_name}"] = cs[name]["median_ms"] / tf_ms
+    peers = [(cs[p]["median_ms"], p) for p in PEERS if cs.get(p, {}).get("median_ms")]
+    if peers:
+        best_ms, best = min(peers)
+        rec["fastest_peer"] = best
+        for name in ("numba", "numpy"):
+            if cs.get(name, {}).get("median_ms"):
+                cs[name]["x_fastest_peer"] = cs[name]["median_ms"] / best_ms
     return rec

@@ -97,7 +97,11 @@ def named_lists():
 
 
 def load(source):
-    """Specs from a shape-list name (``resnet50``), a file path, or comma-separated descriptors."""
+    """Specs from a shape-list name (``resnet50``), a file path, or comma-separated descriptors;
+    list names and descriptors may be mixed (``resnet50,small``, ``small,2048x1024``)."""
+    items = [t.strip() for t in source.split(",")] if isinstance(source, str) else []
+    if len(items) > 1 and any(t in named_lists() for t in items):
+        return [s for t in items if t for s in load(t)]
     path = None
     if os.path.isdir(source):
         raise ValueError(f"--shapes: expected a shape list ({', '.join(named_lists())}), a file or descriptors, "

@@ -37,9 +37,10 @@ def main(argv=None):
             buffers = {}
             cs = runner.tf_contenders(inp, op, tf_bench, kernel)
             runner.validate(cs[0], inp, op, scales)
-            cs += runner.floor_contenders(inp, op, buffers)
-            runner.time_group(cs, req["repeats"], req["warmup"], flush, req["gap_ms"] / 1e3)
-            records.append(runner.summarize(cs, inp, op))
+            cs += runner.floor_contenders(inp, op, buffers, req.get("threads"))
+            calls = req.get("small_calls", 1) if inp.x.size < req.get("small_values", 0) else 1
+            runner.time_group(cs, req["repeats"], req["warmup"], flush, req["gap_ms"] / 1e3, calls=calls)
+            records.append(dict(runner.summarize(cs, inp, op), calls_per_sample=calls))
             print(json.dumps({"done": [text, op]}), flush=True)
         del inp
     with open(out_path, "w") as f:

@@ -8,6 +8,7 @@ reduce over axes 0 and 2 of the view; per-channel vectors broadcast as
 ``v[None, :, None]``.
 """
 from dataclasses import dataclass
+from functools import cached_property
 from math import prod
 
 import numpy as np
@@ -77,15 +78,16 @@ class Layout:
     def channels(self):
         return self.shape[self.axis]
 
-    @property
+    # cached (computed once per call's Layout: they are asked for many times per call)
+    @cached_property
     def outer(self):
         return prod(self.shape[:self.axis])
 
-    @property
+    @cached_property
     def inner(self):
         return prod(self.shape[self.axis + 1:])
 
-    @property
+    @cached_property
     def count(self):
         """n: how many values each channel's statistics reduce over."""
         return self.outer * self.inner
@@ -94,12 +96,14 @@ class Layout:
     def reduction_axes(self):
         return tuple(i for i in range(len(self.shape)) if i != self.axis)
 
-    @property
+    @cached_property
     def shape3(self):
         return (self.outer, self.channels, self.inner)
 
     def to3(self, a):
         """Canonical (outer, C, inner) view of a (C-contiguous copy if needed)."""
+        if type(a) is np.ndarray and a.flags.c_contiguous:
+            return a.reshape(self.shape3)
         return np.ascontiguousarray(a).reshape(self.shape3)
 
     def from3(self, a3):

@@ -68,13 +68,16 @@ def compare(actual, expected, output, dtype, context="reference", scale=None):
     fin = np.isfinite(e)
     same_nonfinite = (np.isnan(a) & np.isnan(e)) | (a == e)
     mismatched = int((~fin & ~same_nonfinite).sum() + (fin & ~np.isfinite(a)).sum())
-    ef, af = e[fin & np.isfinite(a)], a[fin & np.isfinite(a)]
+    keep = fin & np.isfinite(a)
+    ef, af = e[keep], a[keep]
     if scale is None:
         scale = float(np.sqrt(np.mean(ef * ef))) if ef.size else 0.0
+    elif np.ndim(scale):   # a scale per value (e.g. per channel): filtered like the values
+        scale = np.broadcast_to(np.asarray(scale, np.float64), e.shape)[keep]
     eps = dtypes.machine_epsilon(dt)
     if ef.size == 0:
         return Comparison(output, dtypes.short_name(dt), context, 0.0, 0.0, 0.0, 0, tol.ulps, tol.reason,
-                          (), float("nan"), float("nan"), scale, mismatched)
+                          (), float("nan"), float("nan"), float(np.max(scale, initial=0.0)), mismatched)
     diff = np.abs(af - ef)
     denom = np.maximum(np.abs(ef), scale)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -85,7 +88,8 @@ def compare(actual, expected, output, dtype, context="reference", scale=None):
     full_idx = np.argwhere(fin & np.isfinite(a))[k]
     return Comparison(output, dtypes.short_name(dt), context, float(diff.max()), float(rel.max()),
                       float(norm.max()), int(ulp_distance(af, ef, dt).max()), tol.ulps, tol.reason,
-                      tuple(int(i) for i in full_idx), float(af[k]), float(ef[k]), scale, mismatched)
+                      tuple(int(i) for i in full_idx), float(af[k]), float(ef[k]),
+                      float(scale[k] if np.ndim(scale) else scale), mismatched)
 
 
 def assert_close(actual, expected, output, dtype, context="reference", scale=None, what=""):

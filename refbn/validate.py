@@ -21,8 +21,14 @@ def _not_masked(v, name):
                         f"ignored); pass {name}.compressed() or {name}.filled(value) instead")
 
 
+#: dtypes accepted without looking further (bfloat16 goes the long way: it needs ml_dtypes' check)
+_PLAIN_FLOATS = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))
+
+
 def as_x(x, name="x"):
     """x as an ndarray of a supported floating dtype (never copied here)."""
+    if type(x) is np.ndarray and x.dtype in _PLAIN_FLOATS:   # the common case: the same answer, cheaply
+        return x
     if isinstance(x, (bool, numbers.Number)) and not isinstance(x, np.ndarray):
         raise TypeError(f"{name}: expected an array, got the scalar {x!r}")
     _not_masked(x, name)
@@ -64,6 +70,11 @@ def channel_vector(v, name, channels, dtype, allow_empty=False, finite=True):
 
     With ``finite`` (the default) every value must be finite *after* the cast to ``dtype``,
     so a float64 value that overflows float32 is refused too."""
+    if type(v) is np.ndarray and v.dtype == dtype and v.ndim == 1 and v.shape[0] == channels and channels:
+        b = v.copy()   # the common case (a plain vector of the right dtype and length): no cast to check
+        if finite and not np.isfinite(b).all():
+            all_finite(b, name)
+        return b
     if v is None:
         if allow_empty:
             return np.zeros(0, dtype)
@@ -111,6 +122,8 @@ def _show(v):
 
 
 def _real_scalar(value, name):
+    if type(value) is float:   # the common case, without the abstract-base-class checks below
+        return value
     if isinstance(value, np.ndarray):
         if value.size != 1:
             raise TypeError(f"{name}: expected a real number, got an array of shape {value.shape}")
@@ -138,7 +151,7 @@ def unit_interval(value, name):
 
 def nonnegative(v, name):
     """A variance must be >= 0 everywhere (NaN is refused too)."""
-    a = np.asarray(v, dtype=np.float64)
+    a = v if type(v) is np.ndarray and v.dtype.kind == "f" else np.asarray(v, dtype=np.float64)
     if a.size and not a.min() >= 0.0:   # one reduction on the common path; NaN fails it too
         bad = ~(a >= 0.0)
         idx = np.flatnonzero(bad)

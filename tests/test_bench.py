@@ -93,7 +93,7 @@ def test_smoke_run_validates_times_and_writes_json(tmp_path, capsys):
     assert res["machine"]["cores"] >= 1 and res["config"]["cache"] == "warm"
     assert png.stat().st_size > 1000
     table = md.read_text()
-    assert "| shape | op | floor ms |" in table and all(f"| {s} | bwd |" in table for s in shapes)
+    assert "| shape | op | floor ms (method) |" in table and all(f"| {s} | bwd |" in table for s in shapes)
 
 
 def test_bad_arguments_exit_with_a_message(capsys):
@@ -157,3 +157,41 @@ def test_tf_onednn_is_forced_where_tf_defaults_to_eigen(tmp_path):
     m = _check_tf_rows(json.loads(out.read_text()))
     assert m["tf"]["kernel"] == "eigen" and list(m["tf_workers"]) == ["onednn"]
     assert "TF Eigen in this process, TF oneDNN in a worker" in " ".join(r.stdout.split())
+
+
+def test_torch_contender_is_validated_timed_and_named_in_the_goals(tmp_path):
+    """torch (channels_last for NHWC, contiguous for NCHW) is checked against the float64 truth
+    before it is timed; the goals table names each target by what it measures; the floors list
+    every method and the one that won.  No time is asserted."""
+    pytest.importorskip("torch")
+    out = tmp_path / "bench.json"
+    rc = cli.main(["bench", "--shapes", "1x4x4x64,1x64x4x4:NCHW,2x4x4x8", "--contenders", "numba,torch",
+                   "--repeats", "1", "--warmup", "0", "--cache", "warm", "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["machine"]["torch"]["torch_version"]
+    for rec in res["records"]:
+        tc = rec["contenders"]["torch"]
+        assert tc["refused"] is None and tc["times_ms"] and all(k["passed"] for k in tc["checks"])
+        assert {k["output"] for k in tc["checks"]} == set(data.OUTPUTS[rec["op"]])
+        assert rec["fastest_peer"] == "torch" and "x_torch" in rec["contenders"]["numba"]
+        floors = {n.split(":")[1] for n in rec["contenders"] if ":" in n}
+        assert {"numpy", "numpy-threads", "numba", "torch"} <= floors or res["machine"]["threads"] == 1
+        assert all(v["by"] in rec["contenders"] for v in rec["floor_parts"].values())
+        assert rec["calls_per_sample"] > 1          # small batches: per-call time of back-to-back calls
+    goals = {g["goal"] for g in res["goals"]}
+    assert "numba vs torch channels_last per call (small batch)" in goals
+    assert "numba vs torch contiguous per call (small batch)" in goals
+
+
+def test_goals_are_named_by_what_they_measure():
+    from refbn.bench import report
+    rec = {"shape": "n32h56w56c64", "op": "infer", "dtype": "float32", "data_format": "NHWC",
+           "values": 32 * 56 * 56 * 64, "fastest_peer": "torch",
+           "contenders": {"numba": {"median_ms": 1.0, "x_floor": 1.1, "x_fastest_peer": 0.95},
+                          "torch": {"median_ms": 1.05}}}
+    half = dict(rec, dtype="bfloat16", contenders={"numba": {"median_ms": 0.8}, "torch": {"median_ms": 1.0}})
+    got = {(g["goal"], g["dtype"]): (round(g["value"], 2), g["target"], g["met"]) for g in report.goals([rec, half])}
+    assert got == {("numba vs the fastest peer (torch channels_last)", "float32"): (0.95, 0.9, False),
+                   ("inference vs the multi-threaded copy floor", "float32"): (1.1, 1.15, True),
+                   ("numba vs torch channels_last, bfloat16 x", "bfloat16"): (0.8, 0.9, True)}

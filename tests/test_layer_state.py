@@ -373,6 +373,7 @@ def _same(a, b):
 
 BatchNormMachine.TestCase.settings = settings(
     max_examples=max(1, int(700 * _SCALE)), stateful_step_count=30, deadline=None, print_blob=True,
+    derandomize=os.environ.get("REFBN_FUZZ_RANDOM", "") in ("", "0"),   # as tests/test_fuzz.py
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 TestBatchNormStateMachine = BatchNormMachine.TestCase
 
