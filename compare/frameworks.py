@@ -27,9 +27,7 @@ also runs: its table says what each does there.
 import importlib.util
 import json
 import os
-import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,7 +38,7 @@ from refbn import reference as ref
 from . import divergences as div
 from . import metrics
 from . import probe as probe_mod
-from .runner import CaseResult, TFUnavailable, _call, parity_side as _tf_parity_side, refbn_side
+from .runner import CaseResult, TFUnavailable, WorkerProcess, _call, parity_side as _tf_parity_side, refbn_side
 
 
 @dataclass(frozen=True)
@@ -115,37 +113,16 @@ def supports(name, case):
 
 
 # -- worker processes ----------------------------------------------------------------------------
-class FrameworkWorker:
+class FrameworkWorker(WorkerProcess):
     """One ``python -m refbn.compare.fw_worker`` process running one framework."""
 
     def __init__(self, name, outdir):
         fw = FRAMEWORKS[name]
-        self.name, self.outdir = name, os.path.join(outdir, name)
-        os.makedirs(self.outdir, exist_ok=True)
+        self.name = name
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu", **dict(fw.env))
         env.setdefault("OMP_NUM_THREADS", "1")
-        self._stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "refbn.compare.fw_worker", "--framework", fw.worker, "--outdir", self.outdir],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env)
-        self.hello = None
-
-    def stderr_tail(self, lines=8):
-        self._stderr.seek(0)
-        return "\n".join(self._stderr.read().decode(errors="replace").strip().splitlines()[-lines:])
-
-    def _read(self):
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait(timeout=30)
-            raise TFUnavailable(f"the {self.name} worker exited with code {self.proc.returncode}:\n"
-                                f"{self.stderr_tail()}")
-        return json.loads(line)
-
-    def start(self):
-        if self.hello is None:
-            self.hello = self._read()
-        return self.hello
+        super().__init__("refbn.compare.fw_worker", ["--framework", fw.worker], os.path.join(outdir, name),
+                         env, name)
 
     def submit(self, jid, case=None, probe=False):
         job = {"id": jid, "probe": "conventions"} if probe else {"id": jid, "case": case.descriptor()}
@@ -162,15 +139,6 @@ class FrameworkWorker:
                 per.setdefault(impl, {})[key] = z[k]
         os.unlink(msg["path"])
         return msg["id"], per, msg["info"]
-
-    def close(self):
-        try:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=60)
-        except Exception:
-            self.proc.kill()
-            self.proc.wait()
-        self._stderr.close()
 
 
 # -- results ---------------------------------------------------------------------------------------

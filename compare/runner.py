@@ -34,22 +34,18 @@ class TFUnavailable(RuntimeError):
 
 
 # -- TF worker processes ---------------------------------------------------------------
-class TFWorker:
-    """One ``python -m refbn.compare.tf_worker`` process running one kernel family."""
+class WorkerProcess:
+    """A ``python -m MODULE`` worker speaking one JSON line per message on stdin/stdout (its
+    stderr kept for the error message); the first message is its hello."""
 
-    def __init__(self, kernel, outdir):
-        if kernel not in KERNELS:
-            raise ValueError(f"tf_kernel: expected one of {', '.join(KERNELS)}, got {kernel!r}")
-        self.kernel, self.outdir = kernel, os.path.join(outdir, kernel)
+    def __init__(self, module, args, outdir, env, label):
+        self.outdir, self.label = outdir, label
         os.makedirs(self.outdir, exist_ok=True)
-        env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="1" if kernel == "onednn" else "0",
-                   TF_CPP_MIN_LOG_LEVEL="2")
         self._stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "refbn.compare.tf_worker", "--outdir", self.outdir],
+            [sys.executable, "-m", module, *args, "--outdir", self.outdir],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env)
         self.hello = None
-        self.pending = []  # ids submitted, not yet received
 
     def stderr_tail(self, lines=8):
         self._stderr.seek(0)
@@ -60,14 +56,42 @@ class TFWorker:
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait(timeout=30)
-            raise TFUnavailable(f"the TensorFlow worker ({self.kernel}) exited with code "
+            raise TFUnavailable(f"the {self.label} worker exited with code "
                                 f"{self.proc.returncode}:\n{self.stderr_tail()}")
         return json.loads(line)
 
     def start(self):
-        """Wait for the worker's hello; checks that TF runs the requested kernel."""
         if self.hello is None:
             self.hello = self._read()
+        return self.hello
+
+    def close(self):
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
+        self._stderr.close()
+
+
+class TFWorker(WorkerProcess):
+    """One ``python -m refbn.compare.tf_worker`` process running one kernel family."""
+
+    def __init__(self, kernel, outdir):
+        if kernel not in KERNELS:
+            raise ValueError(f"tf_kernel: expected one of {', '.join(KERNELS)}, got {kernel!r}")
+        self.kernel = kernel
+        env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="1" if kernel == "onednn" else "0",
+                   TF_CPP_MIN_LOG_LEVEL="2")
+        super().__init__("refbn.compare.tf_worker", [], os.path.join(outdir, kernel), env,
+                         f"TensorFlow ({kernel})")
+        self.pending = []  # ids submitted, not yet received
+
+    def start(self):
+        """Wait for the worker's hello; checks that TF runs the requested kernel."""
+        if self.hello is None:
+            super().start()
             if self.hello.get("onednn") != (self.kernel == "onednn"):
                 raise TFUnavailable(f"asked for the {self.kernel} kernel but TensorFlow reports "
                                     f"oneDNN={'on' if self.hello.get('onednn') else 'off'}")
@@ -91,15 +115,6 @@ class TFWorker:
                     arrays[k] = z[k]
         os.unlink(msg["path"])
         return msg["id"], arrays, msg["info"]
-
-    def close(self):
-        try:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=60)
-        except Exception:
-            self.proc.kill()
-            self.proc.wait()
-        self._stderr.close()
 
 
 # -- results ----------------------------------------------------------------------------
