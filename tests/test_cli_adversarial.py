@@ -226,7 +226,7 @@ CASES = [
     # bench: lists, numbers, files
     (B + ["--ops", ""], ["--ops", "comma-separated subset of train, infer, bwd", "''"]),
     (B + ["--ops", "fwd"], ["--ops", "comma-separated subset", "'fwd'"]),
-    (B + ["--contenders", "torch"], ["--contenders", "comma-separated subset", "'torch'"]),
+    (B + ["--contenders", "pytorch"], ["--contenders", "comma-separated subset", "'pytorch'"]),
     (B + ["--contenders", ",,"], ["--contenders", "comma-separated subset"]),
     (B + ["--threads", "0"], ["--threads", "expected an int >= 1", "0"]),
     (B + ["--threads", "-1"], ["--threads", "expected an int >= 1"]),
