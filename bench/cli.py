@@ -47,6 +47,19 @@ TF_KERNELS = ("onednn", "eigen")      # TF_ENABLE_ONEDNN_OPTS=1 / 0
 ALIASES = {"tf": ("tf_onednn", "tf_eigen")}
 
 
+
+def cpu_model():
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return model
+
 def configure(p):
     p.add_argument("--shapes", default="resnet50",
                    help="a shape list in bench/shapes (resnet50, mlp, smoke), a file, or descriptors "
@@ -162,15 +175,7 @@ def machine_info(threads):
     import numba
 
     from . import floors
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model()
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
         fam = {k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in lscpu.splitlines() if ":" in ln)}

@@ -324,21 +324,7 @@ def run_tf(engines, outdir, timeout, pids=None):
                         log = os.path.join(outdir, f"{group}.w{i}.log")
                         procs[group].append(
                             (_launch(base + ["--index", str(i), "--ports", ports], log, pids), log))
-        deadline = time.monotonic() + timeout
-        errors = {}
-        for group, plist in procs.items():
-            for proc, log in plist:
-                left = deadline - time.monotonic()
-                try:
-                    rc = proc.wait(timeout=max(left, 0.1))
-                except subprocess.TimeoutExpired:
-                    errors[group] = f"timed out after {timeout:.0f} s\n{_tail(log)}"
-                    break
-                if rc != 0:
-                    errors[group] = f"worker exited with {rc}\n{_tail(log)}"
-                    break
-            errors.setdefault(group, None)
-        return errors
+        return _wait_all(procs, timeout)
     finally:
         for plist in procs.values():
             for proc, _ in plist:

@@ -17,7 +17,6 @@ must refuse it too.  Not compared, and said so: the multi-step parity cases and 
 (see eigen_op_cases).
 """
 import os
-import platform
 import tempfile
 import time
 
@@ -128,16 +127,8 @@ def compare(case, tf_arrays, tf_info):
 
 def machine():
     """What the emulation's bits depend on, for the report."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return model
+    from refbn.bench.cli import cpu_model
+    return cpu_model()
 
 
 def _start_worker(tmp, threads):
