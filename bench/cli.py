@@ -13,7 +13,10 @@ forward, bwd = training backward), float32:
    kernel runs in a worker process with the variable forced for it, timed
    against that process's own floors.  Each TF row is labelled by the kernel
    TF reports (``IsMklEnabled``), never by the one asked for: on a CPU where
-   TF's default is Eigen (no AVX-512), oneDNN is forced, not skipped;
+   TF's default is Eigen (no AVX-512), oneDNN is forced, not skipped.  JAX
+   (if installed) always runs in a worker, after TF's.  Every worker also
+   times numba alternating with its framework: numba's ratio to a worker's
+   framework is taken from those runs (``numba_alternating_ms``);
 3. a table gives median/min ms, GB/s on the floor's bytes, and the ratios
    to the floor and to TF; a goals table checks the targets of issue 4;
 4. ``--json`` writes every time and check, ``--plot`` a PNG of the ratios.
@@ -41,11 +44,17 @@ HALF_GOAL = 0.90        # numba vs torch with float16 / bfloat16 x (ResNet-50 sh
 SMALL_VALUES = 1 << 20  # a batch of fewer values is "small": its time is mostly per-call cost
 SMALL_CALLS = 20        # ... and each of its samples is the mean of this many back-to-back calls (warm)
 NCHW_VS_NHWC = 1.20     # refbn's channels-first within 1.2x of its channels-last
-CONTENDERS = ("numpy", "numba", "torch", "tf_onednn", "tf_eigen")
+CONTENDERS = ("numpy", "numba", "torch", "jax", "tf_onednn", "tf_eigen")
 DTYPES = ("float32", "float16", "bfloat16")
 TF_KERNELS = ("onednn", "eigen")      # TF_ENABLE_ONEDNN_OPTS=1 / 0
 ALIASES = {"tf": ("tf_onednn", "tf_eigen")}
 
+
+
+def _have_jax():
+    """Whether jax is installed (asked of the import system; jax is not imported)."""
+    import importlib.util
+    return importlib.util.find_spec("jax") is not None
 
 
 def cpu_model():
@@ -61,23 +70,28 @@ def cpu_model():
     return model
 
 def configure(p):
-    p.add_argument("--shapes", default="resnet50",
+    p.add_argument("--shapes", default=None,
                    help="a shape list in bench/shapes (resnet50, mlp, smoke), a file, or descriptors "
                         "such as 32x56x56x64,n32c64h56w56:NCHW,2048x1024 (default: resnet50)")
     p.add_argument("--ops", default="train,infer,bwd", help="comma-separated: train, infer, bwd")
     p.add_argument("--dtypes", default="float32",
                    help="comma-separated x dtypes: float32, float16, bfloat16 (default float32; TF runs float32 "
                         "only, the 16-bit ones race numba against torch)")
-    p.add_argument("--contenders", default=",".join(CONTENDERS),
-                   help="comma-separated: numpy, numba, torch, tf_onednn, tf_eigen, or tf for both TF kernels "
-                        "(torch runs in this process, alternating with refbn, and TF then in worker processes; "
-                        "without torch TF oneDNN runs here and Eigen in a worker)")
+    p.add_argument("--contenders", default=None,
+                   help="comma-separated: numpy, numba, torch, jax, tf_onednn, tf_eigen, or tf for both TF "
+                        "kernels (default: all; jax if it is installed; with --sweep numba,torch).  torch runs in "
+                        "this process, alternating with refbn, and TF then in worker processes (without torch TF "
+                        "oneDNN runs here and Eigen in a worker); JAX always in a worker, after TF's; each worker "
+                        "times numba alternating with its framework")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for numba and TF (default: all cores, %d here)" % (os.cpu_count() or 1))
-    p.add_argument("--repeats", type=int, default=15, help="timed rounds per shape and op (default 15)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls per contender first (default 2)")
-    p.add_argument("--cache", choices=("cold", "warm"), default="cold",
-                   help="cold: evict the caches before every timed call (default); warm: don't")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed rounds per shape and op (default 15; with --sweep 9 to 3, fewer for bigger x)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed calls per contender first (default 2; with --sweep 1 for a cold x)")
+    p.add_argument("--cache", choices=("cold", "warm", "auto"), default=None,
+                   help="cold: evict the caches before every timed call (default); warm: don't; auto (--sweep's "
+                        "default): warm for an x smaller than the last-level cache, cold for a bigger one")
     p.add_argument("--gap-ms", type=float, default=None,
                    help="pause before every timed call, so the previous contender's spinning threads sleep "
                         "(default 0 with --cache cold, whose flush already separates the calls; 2 with warm)")
@@ -92,6 +106,8 @@ def configure(p):
     p.add_argument("--json", metavar="FILE", help="write every time, check and ratio as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="plot each contender's time over the floor per shape")
     p.add_argument("--markdown", metavar="FILE.md", help="write the tables as Markdown (as in bench/RESULTS.md)")
+    from . import sweep
+    sweep.configure(p)
 
 
 def _parse_list(text, allowed, name, aliases=None):
@@ -118,7 +134,14 @@ def check_args(args):
     heavy is imported and nothing is timed before every argument and output path is checked."""
     from refbn.cli import UsageError, check_memory, check_number, check_output, check_plot
 
-    from . import data, specs
+    from . import data, specs, sweep
+    sweep.refuse_outside(args)    # the --sweep-* options (and --cache auto) need --sweep
+    args.shapes = "resnet50" if args.shapes is None else args.shapes
+    if args.contenders is None:
+        args.contenders = ",".join(c for c in CONTENDERS if c != "jax" or _have_jax())
+    args.repeats = 15 if args.repeats is None else args.repeats
+    args.warmup = 2 if args.warmup is None else args.warmup
+    args.cache = args.cache or "cold"
     try:
         shapes = specs.load(args.shapes)
     except ValueError as e:
@@ -193,16 +216,20 @@ def machine_info(threads):
             "time": time.strftime("%Y-%m-%d %H:%M:%S %z")}
 
 
-def _run_tf_worker(kernel, args, shapes, ops, threads, on_line):
-    """TF with TF_ENABLE_ONEDNN_OPTS forced for ``kernel`` in a worker: (result, error lines)."""
+def _run_worker(framework, kernel, args, shapes, ops, threads, on_line, numba=True):
+    """``framework`` ("tf": with TF_ENABLE_ONEDNN_OPTS forced for ``kernel``; "jax") in a worker, timed
+    alternating with numba (unless ``numba`` is false): (result, error lines)."""
     req = {"shapes": [str(s) for s in shapes], "ops": ops, "threads": threads, "repeats": args.repeats,
            "warmup": args.warmup, "cache": args.cache, "gap_ms": args.gap_ms, "seed": args.seed,
+           "framework": framework, "numba": numba,
            "kernel_requested": kernel, "small_values": SMALL_VALUES, "small_calls": SMALL_CALLS}
     with tempfile.TemporaryDirectory(prefix="refbn-bench-") as tmp:
         req_path, out_path = os.path.join(tmp, "req.json"), os.path.join(tmp, "out.json")
         with open(req_path, "w") as f:
             json.dump(req, f)
-        env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="1" if kernel == "onednn" else "0", TF_CPP_MIN_LOG_LEVEL="2")
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+        if framework == "tf":
+            env["TF_ENABLE_ONEDNN_OPTS"] = "1" if kernel == "onednn" else "0"
         proc = subprocess.Popen([sys.executable, "-m", "refbn.bench.tf_worker", req_path, out_path],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         for line in proc.stdout:
@@ -261,7 +288,23 @@ def _jit_stats():
     return stats
 
 
+def set_numba_layer(args, console):
+    """numba's threading layer from --numba-layer (omp falls back to workqueue where libgomp cannot
+    load), set before its first parallel launch and for the worker processes; returns numba."""
+    import numba
+    if args.numba_layer == "omp" and not _omp_available():
+        console.print("refbn bench: numba's OpenMP layer cannot load here (no libgomp?); using workqueue")
+        args.numba_layer = "workqueue"
+    if args.numba_layer != "default":
+        numba.config.THREADING_LAYER = args.numba_layer   # read at numba's first parallel launch
+        os.environ["NUMBA_THREADING_LAYER"] = args.numba_layer   # and by the worker processes
+    return numba
+
+
 def main(args):
+    if getattr(args, "sweep", False):
+        from . import sweep
+        return sweep.main(args)
     shapes, ops, contenders = check_args(args)
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -274,18 +317,15 @@ def main(args):
     if args.gap_ms is None:
         args.gap_ms = 0.0 if args.cache == "cold" else 2.0
     threads = args.threads or os.cpu_count() or 1
-    import numba
-    if args.numba_layer == "omp" and not _omp_available():
-        console.print("refbn bench: numba's OpenMP layer cannot load here (no libgomp?); using workqueue")
-        args.numba_layer = "workqueue"
-    if args.numba_layer != "default":
-        numba.config.THREADING_LAYER = args.numba_layer   # read at numba's first parallel launch
-        os.environ["NUMBA_THREADING_LAYER"] = args.numba_layer   # and by the worker processes
+    numba = set_numba_layer(args, console)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     backends = [b for b in ("numpy", "numba") if b in contenders]
     tf_module, tf_kernel, notes = None, None, []
     tf_wanted = [k for k in TF_KERNELS if f"tf_{k}" in contenders]
     workers = []
+    run_jax = "jax" in contenders and _have_jax()      # in a worker, after TF's
+    if "jax" in contenders and not run_jax:
+        notes.append("jax contender skipped: not installed")
     torch_module = None
     if "torch" in contenders:
         # torch alternates with refbn here; TF then runs in workers (one framework per process)
@@ -337,11 +377,19 @@ def main(args):
                 records.append(dict(runner.summarize(cs, inp, op), calls_per_sample=calls))
             del inp, buffers
         worker_results = {}
-        for kernel in workers:
-            t2 = progress.add_task(f"TF {kernel} (worker process)", total=groups)
-            res, err = _run_tf_worker(kernel, args, shapes, ops, threads, lambda _: progress.advance(t2))
+        jax_result = None
+        for kernel in workers + (["jax"] if run_jax else []):
+            framework = "jax" if kernel == "jax" else "tf"
+            t2 = progress.add_task(f"{'JAX' if kernel == 'jax' else 'TF ' + kernel} (worker process)",
+                                   total=len(shapes) * len(ops))
+            res, err = _run_worker(framework, kernel, args, shapes, ops, threads, lambda _: progress.advance(t2),
+                                   numba="numba" in contenders)
             if res is None:
-                notes.append(f"TF worker for {kernel} failed: " + " | ".join(err or []))
+                notes.append(f"{'JAX worker' if kernel == 'jax' else 'TF worker for ' + kernel} failed: "
+                             + " | ".join(err or []))
+                continue
+            if framework == "jax":
+                jax_result = res
                 continue
             got = res["info"]["kernel"]
             if got != kernel:
@@ -356,17 +404,21 @@ def main(args):
         if args.jit and "numba" in contenders:
             progress.add_task("numba cold compile / warm start (subprocesses)", total=None)
             jit = _run_jit()
-    for kernel, res in worker_results.items():
+    for kernel, res in list(worker_results.items()) + ([("jax", jax_result)] if jax_result else []):
         by_key = {(r["shape"], r["op"], r["dtype"]): r for r in res["records"]}
         for rec in records:
             e = by_key.get((rec["shape"], rec["op"], rec["dtype"]))
             if e:
-                tf_rows = {k: dict(v, process="worker") for k, v in e["contenders"].items() if v["family"] == "tf"}
+                tf_rows = {k: dict(v, process="worker") for k, v in e["contenders"].items()
+                           if v["family"] in ("tf", "jax")}
                 rec["contenders"].update(tf_rows)
                 rec.setdefault("worker_floor_ms", {})[kernel] = e["floor_ms"]
+                numba_ms = e["contenders"].get("numba", {}).get("median_ms")   # alternating with the peer
                 for v in tf_rows.values():
                     if v.get("median_ms"):
                         v["x_floor"] = v["median_ms"] / e["floor_ms"]
+                    if numba_ms:
+                        v["numba_alternating_ms"] = numba_ms
     if tf_module is not None:
         for rec in records:
             for v in rec["contenders"].values():
@@ -384,6 +436,8 @@ def main(args):
     if tf_module is not None:
         info["tf"] = dict(tf_module.info(), process="this")
     info["tf_workers"] = {k: r["info"] for k, r in worker_results.items()}
+    if jax_result:
+        info["jax"] = dict(jax_result["info"], process="worker")
     if "tf" not in info and worker_results:
         info["tf"] = dict(next(iter(worker_results.values()))["info"], process="worker")
     info["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None

@@ -82,6 +82,7 @@ def print_all(console, result):
     console.print(f"[bold]refbn bench[/bold]  {m['cpu']}, {m['cores']} cores, {m['threads']} threads; "
                   f"numpy {m['numpy']}, numba {m['numba']} ({m.get('numba_threading_layer')}), "
                   f"torch {m.get('torch', {}).get('torch_version', '-')}, "
+                  f"JAX {m.get('jax', {}).get('jax_version', '-')}, "
                   f"TF {m.get('tf', {}).get('tf_version', '-')} ({_tf_line(m)}); "
                   f"{', '.join(cfg.get('dtypes', ['float32']))}, cache {cfg['cache']}, "
                   f"{cfg['repeats']} rounds; load average {_load(m)}")
@@ -90,8 +91,9 @@ def print_all(console, result):
                       "fastest of its methods (named in brackets: numpy one thread, numpy-threads, numba, "
                       "numba-chunks, torch).  torch: channels_last for a channels-last layout, contiguous "
                       "for channels first.  TF rows are named by the kernel TF reports.  * ran in a "
-                      "worker process (TF_ENABLE_ONEDNN_OPTS forced for it); its x floor is against that "
-                      "process's floor.")
+                      "worker process (TF: TF_ENABLE_ONEDNN_OPTS forced for it; JAX: always), alternating "
+                      "with numba there, numba's ratio to it taken from those runs; its x floor is against "
+                      "that process's floor.")
     for col, just in (("shape", "left"), ("op", "left"), ("contender", "left"), ("median ms", "right"),
                       ("min ms", "right"), ("GB/s", "right"), ("x floor", "right"), ("x fastest peer", "right"),
                       ("check (max/allowed eps)", "right")):
@@ -214,15 +216,17 @@ def markdown(result):
         f"TensorFlow {tf.get('tf_version', '-')} ({_tf_line(m)}, as TF reports; intra-op threads "
         f"{tf.get('intra_op_threads', '-')}), Python {m['python']}",
         f"- torch {m.get('torch', {}).get('torch_version', '-')} (threads {m.get('torch', {}).get('threads', '-')}; "
-        "channels_last for channels-last layouts, contiguous for channels first)",
+        "channels_last for channels-last layouts, contiguous for channels first); "
+        f"JAX {m.get('jax', {}).get('jax_version', '-')} (threads {m.get('jax', {}).get('threads', '-')}, "
+        "a worker process; numba's ratios to TF and JAX workers from numba timed alternating in them)",
         f"- {', '.join(cfg.get('dtypes', ['float32']))}, epsilon {cfg['epsilon']}, cache {cfg['cache']}, "
         f"{cfg['repeats']} alternating rounds after "
         f"{cfg['warmup']} warm-up calls, pause {cfg['gap_ms']} ms; load average {_load(m)}; "
         f"run took {m.get('wall_s', 0):.0f} s on {m['time']}",
         "",
-        "| shape | op | floor ms (method) | numba ms (min) | torch ms (min) | TF oneDNN ms | TF Eigen ms | numpy ms "
-        "| numba GB/s | numba x floor | numba x torch | numba x fastest peer |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| shape | op | floor ms (method) | numba ms (min) | torch ms (min) | JAX ms | TF oneDNN ms | TF Eigen ms "
+        "| numpy ms | numba GB/s | numba x floor | numba x torch | numba x fastest peer |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["records"]:
         cs = r["contenders"]
@@ -237,7 +241,8 @@ def markdown(result):
         lines.append(
             f"| {shape} | {r['op']} | {r['floor_ms']:.3f} ({how}) | {g('numba', 'median_ms', '.3f')} "
             f"({g('numba', 'min_ms', '.3f')}) | {g('torch', 'median_ms', '.3f')} ({g('torch', 'min_ms', '.3f')}) | "
-            f"{g('tf_onednn', 'median_ms')} | {g('tf_eigen', 'median_ms')} | {g('numpy', 'median_ms')} | "
+            f"{g('jax', 'median_ms', '.3f')} | {g('tf_onednn', 'median_ms')} | {g('tf_eigen', 'median_ms')} | "
+            f"{g('numpy', 'median_ms')} | "
             f"{g('numba', 'gbps', '.1f')} | {g('numba', 'x_floor')} | {g('numba', 'x_torch')} | "
             f"{g('numba', 'x_fastest_peer')} |")
     for kernel in m.get("tf_workers", {}):

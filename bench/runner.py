@@ -2,7 +2,7 @@
 
 Every contender is first run once and checked against the float64 truth
 with the tolerance declared for it (refbn.tolerances: "numba",
-"reference", "tf_onednn", "tf_eigen"); a contender that fails is refused
+"reference", "torch_cpu", "jax_cpu", "tf_onednn", "tf_eigen"); a contender that fails is refused
 and never timed.  Then all contenders of the group are timed in rounds,
 alternating (each round starts one contender later), each call preceded by
 an optional cache flush and a short pause, so the threads of the previous
@@ -71,14 +71,21 @@ def refbn_contenders(inp, op, backends, buffers):
     return out
 
 
+def _framework_contender(inp, op, module, name, family, context):
+    run, outputs = module.ops(inp, data.EPSILON, (op,))[op]
+    return [Contender(name, family, run, outputs, context)]
+
+
 def tf_contenders(inp, op, tf_module, kernel):
-    run, outputs = tf_module.ops(inp, data.EPSILON, (op,))[op]
-    return [Contender(f"tf_{kernel}", "tf", run, outputs, f"tf_{kernel}")]
+    return _framework_contender(inp, op, tf_module, f"tf_{kernel}", "tf", f"tf_{kernel}")
 
 
 def torch_contenders(inp, op, torch_module):
-    run, outputs = torch_module.ops(inp, data.EPSILON, (op,))[op]
-    return [Contender("torch", "torch", run, outputs, "torch_cpu")]
+    return _framework_contender(inp, op, torch_module, "torch", "torch", "torch_cpu")
+
+
+def jax_contenders(inp, op, jax_module):
+    return _framework_contender(inp, op, jax_module, "jax", "jax", "jax_cpu")
 
 
 def floor_contenders(inp, op, buffers, threads=None, torch_module=None):
@@ -169,6 +176,12 @@ def summarize(contenders, inp, op):
 PEERS = ("torch", "jax", "tf_onednn", "tf_eigen")
 
 
+def _ms(cs, name, peer):
+    """name's median to set against peer's: for numba, the one timed alternating with the peer in
+    the peer's worker process (``numba_alternating_ms`` on the peer's row) when there is one."""
+    return (name == "numba" and cs[peer].get("numba_alternating_ms")) or cs[name]["median_ms"]
+
+
 def add_ratios(rec):
     """numba/peer and numpy/peer ratios (medians), and numba/the fastest peer, once every
     contender of the record is in."""
@@ -179,12 +192,12 @@ def add_ratios(rec):
             continue
         for name in ("numba", "numpy"):
             if cs.get(name, {}).get("median_ms"):
-                cs[name][f"x_{tf_name}"] = cs[name]["median_ms"] / tf_ms
+                cs[name][f"x_{tf_name}"] = _ms(cs, name, tf_name) / tf_ms
     peers = [(cs[p]["median_ms"], p) for p in PEERS if cs.get(p, {}).get("median_ms")]
     if peers:
         best_ms, best = min(peers)
         rec["fastest_peer"] = best
         for name in ("numba", "numpy"):
             if cs.get(name, {}).get("median_ms"):
-                cs[name]["x_fastest_peer"] = cs[name]["median_ms"] / best_ms
+                cs[name]["x_fastest_peer"] = _ms(cs, name, best) / best_ms
     return rec

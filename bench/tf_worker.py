@@ -1,16 +1,38 @@
-"""``python -m refbn.bench.tf_worker REQUEST.json RESULT.json``: one TF CPU kernel family.
+"""``python -m refbn.bench.tf_worker REQUEST.json RESULT.json``: one framework in its own process.
 
-``refbn bench`` starts one worker per TF kernel it cannot run in its own
-process, with ``TF_ENABLE_ONEDNN_OPTS`` set for that kernel (``1``: oneDNN,
-``0``: Eigen; TF reads it once, at import, so each family needs its own
-process).  The worker asks TF which kernel it really runs and reports that,
-rebuilds the same inputs (same seed), validates TF against the float64
-truth, and times it alternating with the memory floors of this process.  One
+``refbn bench`` starts one worker per framework kernel it does not run in its
+own process; the request's ``framework`` says which: ``"tf"`` (the default)
+or ``"jax"``.
+
+tf   one TF CPU kernel family, with ``TF_ENABLE_ONEDNN_OPTS`` set by the
+     parent for it (``1``: oneDNN, ``0``: Eigen; TF reads it once, at import,
+     so each family needs its own process).  The worker asks TF which kernel
+     it really runs and reports that.
+jax  JAX on its CPU backend (refbn.bench.jax_bench), never in the bench
+     process, where torch may be loaded.
+
+The worker rebuilds the same inputs (same seed), validates the framework
+(and, unless ``"numba": false``, refbn's numba backend) against the float64
+truth, and times them alternating with the memory floors of this process, so
+that numba/framework ratios come from alternating runs in one process.  One
 line per finished group goes to stdout (progress); the records go to
 RESULT.json.
 """
 import json
 import sys
+
+
+def _framework(name, threads):
+    """(module, contenders(inp, op)) for ``name``, its threads configured before its first op."""
+    from . import runner
+    if name == "jax":
+        from . import jax_bench
+        jax_bench.configure_threads(threads)
+        return jax_bench, lambda inp, op: runner.jax_contenders(inp, op, jax_bench)
+    from refbn.compare import tf_bench
+    tf_bench.configure_threads(threads)
+    kernel = tf_bench.info()["kernel"]        # what TF reports, whatever was asked for
+    return tf_bench, lambda inp, op: runner.tf_contenders(inp, op, tf_bench, kernel)
 
 
 def main(argv=None):
@@ -20,14 +42,11 @@ def main(argv=None):
         req = json.load(f)
     import numba
 
-    from refbn.compare import tf_bench
-
     from . import data, floors, runner, specs
 
     if req.get("threads"):
-        numba.set_num_threads(int(req["threads"]))
-    tf_bench.configure_threads(req.get("threads"))
-    kernel = tf_bench.info()["kernel"]        # what TF reports, whatever was asked for
+        numba.set_num_threads(min(int(req["threads"]), numba.config.NUMBA_NUM_THREADS))
+    module, contenders = _framework(req.get("framework", "tf"), req.get("threads"))
     flush = floors.Flusher(req["cache"] == "cold")
     records = []
     for text in req["shapes"]:
@@ -35,8 +54,11 @@ def main(argv=None):
         scales = data.scales(inp, "train")
         for op in req["ops"]:
             buffers = {}
-            cs = runner.tf_contenders(inp, op, tf_bench, kernel)
-            runner.validate(cs[0], inp, op, scales)
+            cs = contenders(inp, op)
+            if req.get("numba", True):
+                cs += runner.refbn_contenders(inp, op, ["numba"], buffers)
+            for c in cs:
+                runner.validate(c, inp, op, scales)
             cs += runner.floor_contenders(inp, op, buffers, req.get("threads"))
             calls = req.get("small_calls", 1) if inp.x.size < req.get("small_values", 0) else 1
             runner.time_group(cs, req["repeats"], req["warmup"], flush, req["gap_ms"] / 1e3, calls=calls)
@@ -44,7 +66,7 @@ def main(argv=None):
             print(json.dumps({"done": [text, op]}), flush=True)
         del inp
     with open(out_path, "w") as f:
-        json.dump({"info": tf_bench.info(), "records": records}, f)
+        json.dump({"info": module.info(), "records": records}, f)
     return 0
 
 

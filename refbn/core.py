@@ -170,6 +170,8 @@ def check_backend_and_trace(backend, trace):
     return kernel, validate.boolean(trace, "trace")
 
 
-def stats_vector(v, name, channels, x_dtype, allow_empty=False):
-    """Validated per-channel vector, in TF's statistics dtype, then as float64."""
-    return validate.channel_vector(v, name, channels, dtypes.stats_dtype(x_dtype), allow_empty)
+def stats_vectors(channels, x_dtype, *items):
+    """Several validated per-channel vectors: items are (value, name) or (value, name, allow_empty).
+    Returns (vectors in TF's statistics dtype, float64 rows of the non-empty ones)."""
+    return validate.channel_vectors(channels, dtypes.stats_dtype(x_dtype),
+                                    [(it[0], it[1], it[2] if len(it) > 2 else False) for it in items])

@@ -50,6 +50,10 @@ def channel_axis(data_format, ndim, x_name="x"):
     return axis
 
 
+_RECENT = {}        # (shape, data_format, x_name) -> Layout, for the validated ones
+_RECENT_MAX = 256
+
+
 @dataclass(frozen=True)
 class Layout:
     """Shape bookkeeping for one call: original shape and channel axis."""
@@ -63,7 +67,17 @@ class Layout:
 
     @classmethod
     def from_data_format(cls, shape, data_format, x_name="x"):
-        return cls(tuple(shape), channel_axis(data_format, len(shape), x_name))
+        key = (shape, data_format, x_name)
+        try:
+            return _RECENT[key]   # a frozen Layout per shape: a training loop asks for the same ones
+        except (KeyError, TypeError):   # TypeError: an unhashable data_format, refused below
+            pass
+        layout = cls(tuple(shape), channel_axis(data_format, len(shape), x_name))
+        if len(_RECENT) >= _RECENT_MAX:
+            _RECENT.clear()
+        if type(shape) is tuple:
+            _RECENT[key] = layout
+        return layout
 
     @classmethod
     def from_axis(cls, shape, axis):

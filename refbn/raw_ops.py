@@ -30,11 +30,14 @@ FusedBatchNormGradV3Output = namedtuple("FusedBatchNormGradV3", _GRAD_FIELDS)
 FusedBatchNormGradV3Traced = namedtuple("FusedBatchNormGradV3", _GRAD_FIELDS + ("trace",))
 
 
-def _stats(v, sdt):
-    """A float64 statistic in its output dtype; one beyond float32's range rounds to Inf (IEEE,
-    as TF's float32 arithmetic gives), without a numpy warning."""
+def _stats(sdt, *vectors):
+    """Float64 statistics in their output dtype (one new array each); one beyond float32's range
+    rounds to Inf (IEEE, as TF's float32 arithmetic gives), without a numpy warning."""
+    buf = np.empty((len(vectors), vectors[0].shape[0]), sdt)
     with np.errstate(over="ignore"):
-        return np.asarray(v, dtype=np.float64).astype(sdt)
+        for i, v in enumerate(vectors):
+            buf[i] = v
+    return list(buf)
 
 
 def FusedBatchNormV3(x, scale, offset, mean, variance, epsilon=0.0001, exponential_avg_factor=1.0,
@@ -56,11 +59,11 @@ def FusedBatchNormV3(x, scale, offset, mean, variance, epsilon=0.0001, exponenti
     factor = validate.unit_interval(exponential_avg_factor, "exponential_avg_factor")
     kernel, want_trace = core.check_backend_and_trace(backend, trace)
     C, sdt = layout.channels, dtypes.stats_dtype(x.dtype)
-    scale = core.stats_vector(scale, "scale", C, x.dtype)
-    offset = core.stats_vector(offset, "offset", C, x.dtype)
     ignore_stats = is_training and factor == 1.0
-    mean = core.stats_vector(mean, "mean", C, x.dtype, allow_empty=ignore_stats)
-    variance = core.stats_vector(variance, "variance", C, x.dtype, allow_empty=ignore_stats)
+    (scale, offset, mean, variance), wide = core.stats_vectors(
+        C, x.dtype, (scale, "scale"), (offset, "offset"), (mean, "mean", ignore_stats),
+        (variance, "variance", ignore_stats))
+    s64, o64 = wide[0], wide[1]
     if not ignore_stats:   # inference, or old statistics fed to the moving average
         validate.nonnegative(variance, "variance")
     if is_training:
@@ -68,7 +71,6 @@ def FusedBatchNormV3(x, scale, offset, mean, variance, epsilon=0.0001, exponenti
     tr = core.new_trace("FusedBatchNormV3", want_trace, layout, data_format=data_format,
                         is_training=is_training, x=f"{x.dtype.name}{list(x.shape)}",
                         backend=backend) if want_trace else None
-    s64, o64 = scale.astype(np.float64), offset.astype(np.float64)
     if is_training:
         y, bmean, bvar = core.forward_training(x, layout, s64, o64, epsilon, kernel, out, tr)
         unbiased = bvar * ref.bessel_factor(layout.count)
@@ -76,18 +78,15 @@ def FusedBatchNormV3(x, scale, offset, mean, variance, epsilon=0.0001, exponenti
             out_mean, out_var = bmean, unbiased
         else:
             step = "exponential_avg_factor"
-            out_mean = core.moving_update("moving_mean", mean.astype(np.float64), bmean, factor, tr, step)
-            out_var = core.moving_update("moving_variance", variance.astype(np.float64), unbiased, factor,
-                                         tr, step)
-        running = getattr(kernel, "running_statistics", None)   # a backend's own float32 arithmetic
+            out_mean = core.moving_update("moving_mean", wide[2], bmean, factor, tr, step)
+            out_var = core.moving_update("moving_variance", wide[3], unbiased, factor, tr, step)
+        running = vars(kernel).get("running_statistics")   # a backend's own float32 arithmetic
         if running is not None:                                   # for outputs 1-2 (tf_eigen: TF's)
             out_mean, out_var = running(bmean, bvar, layout.count, factor, None if ignore_stats else mean,
                                         None if ignore_stats else variance)
-        result = (y, _stats(out_mean, sdt), _stats(out_var, sdt), _stats(bmean, sdt), _stats(bvar, sdt),
-                  np.zeros(0, sdt))
+        result = (y, *_stats(sdt, out_mean, out_var, bmean, bvar), np.zeros(0, sdt))
     else:
-        y = core.forward_inference(x, layout, s64, o64, mean.astype(np.float64),
-                                   variance.astype(np.float64), epsilon, kernel, out, tr)
+        y = core.forward_inference(x, layout, s64, o64, wide[2], wide[3], epsilon, kernel, out, tr)
         result = (y, mean.copy(), variance.copy(), mean.copy(), variance.copy(), np.zeros(0, sdt))
     if want_trace:
         return FusedBatchNormV3Traced(*result, tr)
@@ -115,21 +114,20 @@ def FusedBatchNormGradV3(y_backprop, x, scale, reserve_space_1, reserve_space_2,
     epsilon = validate.epsilon(epsilon)
     kernel, want_trace = core.check_backend_and_trace(backend, trace)
     C, sdt = layout.channels, dtypes.stats_dtype(x.dtype)
-    scale = core.stats_vector(scale, "scale", C, x.dtype)
-    mean = core.stats_vector(reserve_space_1, "reserve_space_1", C, x.dtype)
-    variance = core.stats_vector(reserve_space_2, "reserve_space_2", C, x.dtype)
+    (scale, mean, variance), wide = core.stats_vectors(
+        C, x.dtype, (scale, "scale"), (reserve_space_1, "reserve_space_1"), (reserve_space_2, "reserve_space_2"))
     validate.nonnegative(variance, "reserve_space_2")
     if is_training:
         validate.nonempty_batch(layout.count, x.shape)
-    check = getattr(kernel, "check_backward", None)   # what a backend's kernel refuses (tf_eigen:
+    check = vars(kernel).get("check_backward")   # what a backend's kernel refuses (tf_eigen:
     if check is not None:                              # TF's channels-first inference gradient)
         check(layout, is_training)
     tr = core.new_trace("FusedBatchNormGradV3", want_trace, layout, data_format=data_format,
                         is_training=is_training, x=f"{x.dtype.name}{list(x.shape)}",
                         backend=backend) if want_trace else None
-    dx, dgamma, dbeta = core.backward(dy, x, layout, scale.astype(np.float64), mean.astype(np.float64),
-                                      variance.astype(np.float64), epsilon, is_training, kernel, out, tr)
-    result = (dx, _stats(dgamma, sdt), _stats(dbeta, sdt), np.zeros(0, sdt), np.zeros(0, sdt))
+    dx, dgamma, dbeta = core.backward(dy, x, layout, wide[0], wide[1], wide[2], epsilon, is_training, kernel,
+                                      out, tr)
+    result = (dx, *_stats(sdt, dgamma, dbeta), np.zeros(0, sdt), np.zeros(0, sdt))
     if want_trace:
         return FusedBatchNormGradV3Traced(*result, tr)
     return FusedBatchNormGradV3Output(*result)

@@ -73,6 +73,36 @@ def batch_norm_backward(dy, x, mean, a, b, c):
     return a * dy + b * (x - mean) + c
 
 
+# -- the same elementwise formulas, folded (what a kernel with float64 headroom may evaluate) --
+# y = (x - mean) * k + offset  ==  x * k + (offset - mean * k), and
+# dx = a*dy + b*(x - mean) + c  ==  a*dy + b*x + (c - b * mean): one operation fewer per value.
+# In float64 the folded form's extra error is ~eps64 * |mean| / std (relative to y's scale):
+# below 2^-6 ulp of float32 for any float32 data whose spread is representable at all
+# (|mean| / std < 2^24; beyond that neighbouring float32 values are further apart than the
+# spread), so float32 and narrower outputs still round the exact value.  The numba kernels
+# fold only when every channel has |mean| <= 2^20 * std and finite coefficients (a constant
+# channel's exact y = offset needs the plain form); float64 outputs have no such headroom and
+# keep the forms above.
+def folded_shift(mean, y_coef, offset):
+    """offset - mean * y_coef: y = x * y_coef + folded_shift (per channel)."""
+    return offset - mean * y_coef
+
+
+def batch_norm_folded(x, y_coef, shift):
+    """y = x * y_coef + shift, elementwise (shift = folded_shift(mean, y_coef, offset))."""
+    return x * y_coef + shift
+
+
+def folded_backward_shift(mean, b, c):
+    """c - b * mean: dx = a*dy + b*x + folded_backward_shift (per channel)."""
+    return c - b * mean
+
+
+def batch_norm_backward_folded(dy, x, a, b, shift):
+    """dx = a*dy + b*x + shift, elementwise (shift = folded_backward_shift(mean, b, c))."""
+    return a * dy + b * x + shift
+
+
 def moving_average(old, new, factor):
     """(1 - factor) * old + factor * new: the moving statistics' update.
 

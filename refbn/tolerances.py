@@ -25,6 +25,8 @@ Contexts:
                        MultiWorkerMirroredStrategy) against refbn's replay
     torch_cpu          refbn.compare.frameworks: refbn against PyTorch's / ONNX Runtime's
     onnxruntime_cpu    CPU BatchNorm kernels (and each against the float64 truth)
+    jax_cpu            refbn bench: BatchNorm written in jax.numpy, jitted on XLA's CPU
+                       backend, against the float64 truth
     flax_parity        refbn.BatchNorm(convention="flax") against flax.linen / flax.nnx
     tf_onednn          refbn.compare: refbn against TF's oneDNN CPU kernel (and TF
     tf_eigen           against the float64 truth), resp. TF's Eigen kernel
@@ -240,6 +242,27 @@ for _ctx in ("torch_cpu", "onnxruntime_cpu"):
         (_ctx, "*", "bf16"): Tolerance(2.0, _TF_16BIT),
         (_ctx, "*", "f16"): Tolerance(2.0, _TF_16BIT),
     })
+# refbn bench: batch normalization written in jax.numpy (refbn.bench.jax_bench), jitted by XLA's CPU
+# backend, float32 throughout: two-pass mean and biased variance, y = (x-mean)*rsqrt(var+eps)*scale
+# + offset, and jax.vjp of that for the backward.  Measured (jax 0.10.2; bench smoke shapes, 32x28x28x64,
+# 8x64x28x28:NCHW, 32x56x56x64 both layouts, 2048x1024; n <= 100,352): statistics <= 1.4 eps, y <= 4.2
+# eps (training) / 3.2 eps (inference), dx <= 3.2 eps, dscale <= 0.94 eps, doffset <= 0.48 eps.
+_JAX_SUMS = ("XLA's CPU reduce sums the n values of a channel in float32 (vectorised partial sums; "
+             "measured <= 1.4 eps on the statistics, y <= 4.2 eps, n <= 100,352); mean = sum/n, "
+             "var = mean((x-mean)^2) two-pass, so the mean's error enters the variance only squared; "
+             "as for TF's and torch's sums, allowed 8 eps of final roundings plus n/32 eps for float32 "
+             "accumulation (a recursive float32 sum's worst case grows with n), capped at n = 2^19")
+TOLERANCES.update({
+    ("jax_cpu", "*", "f32"): Tolerance(8.0, _JAX_SUMS, ulps_per_n=1 / 32, max_n=_N_CAP),
+    ("jax_cpu", "x_backprop", "f32"): Tolerance(
+        16.0, "jax.vjp of the float32 forward: dx sums three terms (through y, the mean and the "
+              "variance) that cancel, judged against |a|*rms(dy) as TF's dx; the sums of dy and "
+              "dy*(x-mean) have errors relative to their own small size; measured <= 3.2 eps"),
+    ("jax_cpu", "scale_backprop", "f32"): Tolerance(
+        8.0, "sum(dy * x_hat) in float32, judged against sum(|dy * x_hat|); measured <= 0.94 eps"),
+    ("jax_cpu", "offset_backprop", "f32"): Tolerance(
+        8.0, "sum(dy) in float32, judged against sum(|dy|); measured <= 0.48 eps"),
+})
 _PARITY = ("K float32 training steps: batch statistics from float32 sums (Keras 3: "
            "E[x^2] - E[x]^2, cancelling by (mean^2 + var)/var = 3.25 on N(3, 2^2) data; tf-keras "
            "fused: FusedBatchNormV3), then moving = moving*m + batch*(1-m) rounded each step; old "

@@ -307,3 +307,49 @@ def test_deepcopy_and_pickle_keep_the_whole_state(backend):
         _same_state(_state(bn), _state(twin))
         assert twin.backward(dy).tobytes() == bn.backward(dy).tobytes()
         assert twin(x).tobytes() == bn(x).tobytes()
+
+
+# -- the batched per-channel check (validate.channel_vectors) is channel_vector, item by item ---
+_F32 = np.float32
+
+
+def _vector_cases():
+    good = np.array([1.0, -2.0, 3.0], _F32)
+    nan = np.array([1.0, np.nan, 3.0], _F32)
+    inf = np.array([np.inf, 1.0, 2.0], _F32)
+    return {
+        "plain": [(good, "scale", False), (good + 1, "offset", False)],
+        "nan_second": [(good, "scale", False), (nan, "offset", False)],
+        "inf_first": [(inf, "scale", False), (nan, "offset", False)],
+        "empty_allowed": [(good, "scale", False), (np.zeros(0, _F32), "mean", True), (good * 2, "variance", False)],
+        "empty_refused": [(good, "scale", False), (np.zeros(0, _F32), "mean", False)],
+        "float64_cast": [(good.astype(np.float64), "scale", False), (good, "offset", False)],
+        "float64_overflow": [(good, "scale", False), (np.array([1e39, 0, 0]), "offset", False)],
+        "list": [([1.0, 2.0, 3.0], "scale", False), (good, "offset", False)],
+        "wrong_length": [(good, "scale", False), (good[:2], "offset", False)],
+        "matrix": [(good, "scale", False), (np.ones((3, 1), _F32), "offset", False)],
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_vector_cases()))
+def test_channel_vectors_agree_with_channel_vector(case):
+    from refbn import validate
+    items = _vector_cases()[case]
+    originals = [np.array(v, copy=True) for v, _, _ in items]
+    try:
+        expected = [validate.channel_vector(v, name, C, _F32, empty_ok) for v, name, empty_ok in items]
+    except (TypeError, ValueError) as e:
+        with pytest.raises(type(e)) as got:
+            validate.channel_vectors(C, _F32, items)
+        assert str(got.value) == str(e)
+    else:
+        vectors, wide = validate.channel_vectors(C, _F32, items)
+        assert [v.tobytes() for v in vectors] == [v.tobytes() for v in expected]
+        assert all(v.dtype == _F32 for v in vectors)
+        full = [v for v in expected if v.size]
+        assert wide.dtype == np.float64 and wide.shape == (len(full), C)
+        assert np.array_equal(wide, np.array(full, np.float64).reshape(len(full), C))
+        for v, (orig, _, _) in zip(vectors, items):   # new arrays, never the caller's
+            assert not np.shares_memory(v, np.asarray(orig))
+    for (v, _, _), orig in zip(items, originals):
+        assert np.array_equal(np.asarray(v), orig, equal_nan=True)

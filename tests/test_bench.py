@@ -195,3 +195,86 @@ def test_goals_are_named_by_what_they_measure():
     assert got == {("numba vs the fastest peer (torch channels_last)", "float32"): (0.95, 0.9, False),
                    ("inference vs the multi-threaded copy floor", "float32"): (1.1, 1.15, True),
                    ("numba vs torch channels_last, bfloat16 x", "bfloat16"): (0.8, 0.9, True)}
+
+
+def _jax_installed():
+    import importlib.util
+    return importlib.util.find_spec("jax") is not None   # asked without importing jax
+
+
+_NO_JAX = pytest.mark.skipif(not _jax_installed(), reason="jax not installed")
+
+
+@_NO_JAX
+def test_jax_contender_is_validated_and_timed_in_a_worker(tmp_path):
+    """JAX (its own worker process, never this one) is checked against the float64 truth in both
+    layouts and all three ops before it is timed; numba is timed alternating with it there, and
+    numba's ratio to JAX comes from those runs."""
+    import sys
+    had_jax = "jax" in sys.modules
+    out = tmp_path / "bench.json"
+    rc = cli.main(["bench", "--shapes", "smoke", "--contenders", "numba,jax", "--repeats", "1", "--warmup", "0",
+                   "--cache", "warm", "--json", str(out)])
+    assert rc == 0
+    assert had_jax or "jax" not in sys.modules
+    res = json.loads(out.read_text())
+    assert res["machine"]["jax"]["jax_version"] and res["machine"]["jax"]["process"] == "worker"
+    assert {r["data_format"] for r in res["records"]} == {"NHWC", "NCHW", "NC"}
+    assert {r["op"] for r in res["records"]} == set(data.OPS)
+    for rec in res["records"]:
+        jc, nb = rec["contenders"]["jax"], rec["contenders"]["numba"]
+        assert jc["refused"] is None and jc["median_ms"] > 0 and jc["process"] == "worker"
+        assert {k["output"] for k in jc["checks"]} == set(data.OUTPUTS[rec["op"]])
+        assert all(k["passed"] and k["context"] == "jax_cpu" for k in jc["checks"])
+        assert nb["x_jax"] == jc["numba_alternating_ms"] / jc["median_ms"]
+
+
+@_NO_JAX
+def test_a_wrong_jax_contender_is_refused_and_never_timed():
+    """JAX ops built with a wrong epsilon (10x) fail their validation and are never timed (run in
+    a subprocess: jax is never imported in the test process)."""
+    import subprocess
+    import sys
+    code = """if True:
+        import json
+        from refbn.bench import data, jax_bench, runner, specs
+        inp = data.add_truth(data.make(specs.parse("4x6x6x8")), ["train", "bwd"])
+        scales = data.scales(inp, "train")
+        got = {}
+        for op in ("train", "bwd"):
+            good = runner.jax_contenders(inp, op, jax_bench)[0]
+            run, outputs = jax_bench.ops(inp, 10 * data.EPSILON, (op,))[op]
+            calls = []
+            bad = runner.Contender("jax", "jax", lambda: calls.append(1), outputs, "jax_cpu")
+            ok = runner.validate(good, inp, op, scales), runner.validate(bad, inp, op, scales)
+            runner.time_group([good, bad], repeats=2, warmup=1, flush=lambda: None, gap_s=0)
+            got[op] = {"ok": ok, "refused": bad.refused, "calls": len(calls), "timed": len(good.times)}
+        print(json.dumps(got))
+    """
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    for op in ("train", "bwd"):
+        assert got[op]["ok"] == [True, False] and got[op]["calls"] == 0 and got[op]["timed"] == 2
+        assert "jax_cpu" in got[op]["refused"]
+
+
+def test_a_missing_jax_is_a_note_not_an_error(tmp_path, monkeypatch):
+    from refbn.bench import cli as bench_cli
+    monkeypatch.setattr(bench_cli, "_have_jax", lambda: False)
+    out = tmp_path / "bench.json"
+    rc = cli.main(["bench", "--shapes", "4x8x8x16", "--ops", "infer", "--contenders", "numba,jax", "--repeats", "1",
+                   "--warmup", "0", "--cache", "warm", "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert "jax contender skipped: not installed" in res["notes"]
+    assert "jax" not in res["records"][0]["contenders"]
+
+
+def test_numba_vs_a_worker_peer_uses_numba_timed_alternating_with_it():
+    rec = {"contenders": {"numba": {"median_ms": 1.0}, "numpy": {"median_ms": 4.0},
+                          "jax": {"median_ms": 2.0, "numba_alternating_ms": 1.2}, "torch": {"median_ms": 2.5}}}
+    cs = runner.add_ratios(rec)["contenders"]
+    assert rec["fastest_peer"] == "jax"
+    assert cs["numba"]["x_jax"] == 0.6 and cs["numba"]["x_fastest_peer"] == 0.6 and cs["numba"]["x_torch"] == 0.4
+    assert cs["numpy"]["x_jax"] == 2.0

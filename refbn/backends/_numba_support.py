@@ -132,6 +132,17 @@ def _encode(value, like, kind):
     return None
 
 
+def folds(a):
+    """True (a compile-time constant) where the elementwise passes evaluate the folded forms of
+    refbn.reference (one operation fewer per value): arrays stored narrower than float64."""
+
+
+@overload(folds)
+def _folds(a):
+    narrow = a.dtype != types.float64
+    return lambda a: narrow
+
+
 def storage(a):
     """(array the kernels can take, kind): half arrays become uint16 views."""
     if a.dtype.itemsize == 2:

@@ -64,7 +64,7 @@ from numba import njit, prange
 
 from .. import reference as ref
 from . import _numba_support
-from ._numba_support import decode, encode, prefetch, storage
+from ._numba_support import decode, encode, folds, prefetch, storage
 
 # numba checks a cached function against its own file only: make every cache entry of this file
 # depend on the source of the modules it compiles from too (before any function is decorated)
@@ -86,6 +86,10 @@ _batch_norm_backward = njit(ref.batch_norm_backward)
 _inv_std = njit(ref.inv_std)
 _y_coefficient = njit(ref.y_coefficient)
 _backward_coefficients = njit(ref.backward_coefficients)
+_batch_norm_folded = njit(ref.batch_norm_folded)
+_batch_norm_backward_folded = njit(ref.batch_norm_backward_folded)
+_folded_shift = njit(ref.folded_shift)
+_folded_backward_shift = njit(ref.folded_backward_shift)
 _REDUCE = {"reassoc", "contract"}   # reductions may be reordered (vectorised), nothing else
 _FMA = {"contract"}               # elementwise: a*b + c may become one fused multiply-add
 
@@ -120,6 +124,33 @@ def _zeros_aligned(n):
     buf = np.zeros(n + 8)
     start = ((64 - buf.ctypes.data % 64) % 64) // 8
     return buf[start:start + n]
+
+
+_FOLD_SPREAD = 2.0 ** 20   # fold only where |mean| <= 2^20 * std in every channel
+
+
+@njit(inline="always")
+def _foldable(mean, variance):
+    """Whether the elementwise passes may evaluate refbn.reference's folded forms: the fold adds an
+    absolute error of ~eps64 * |mean| * y_coef, against y's spread of std * y_coef, so every
+    channel needs |mean| <= 2^20 * std (then the extra error stays below 2^-32 relative, 2^-9 ulp
+    of float32).  A constant channel (variance 0) with a non-zero mean refuses it: there the
+    exact answer is y = offset, which only the plain form gives."""
+    for c in range(mean.shape[0]):
+        if not abs(mean[c]) <= _FOLD_SPREAD * np.sqrt(variance[c]):
+            return False
+    return True
+
+
+@njit(inline="always")
+def _finite(v):
+    """Every value of a per-channel vector finite.  The elementwise passes evaluate refbn.reference's
+    folded forms only then (and only on narrow storage, see ``folds``): with a NaN or Inf
+    coefficient the folded and the plain form can put NaN and Inf in different places."""
+    for i in range(v.shape[0]):
+        if not np.isfinite(v[i]):
+            return False
+    return True
 
 
 @njit(inline="always")
@@ -234,26 +265,40 @@ def _grad_sums_last(dy, x, kind, mean, rows, ahead_bytes):
 
 
 @_kernel(_FMA)
-def _scale_shift_last(x, kind, mean, y_coef, offset, rows, y):
+def _scale_shift_last(x, kind, mean, y_coef, offset, fold, rows, y):
     total, width = x.shape
     m, k, o = _tiled(mean, width), _tiled(y_coef, width), _tiled(offset, width)
+    f = _tiled(_folded_shift(mean, y_coef, offset), width)
+    fold = fold and folds(x) and _finite(m) and _finite(k) and _finite(o) and _finite(f)
     blocks = (total + rows - 1) // rows
     for b in prange(blocks):
         for r in range(b * rows, min(total, (b + 1) * rows)):
-            for c in range(width):
-                y[r, c] = encode(_batch_norm(decode(x[r, c], kind), m[c], k[c], o[c]), y, kind)
+            if fold:          # refbn.reference's folded form (see _finite)
+                for c in range(width):
+                    y[r, c] = encode(_batch_norm_folded(decode(x[r, c], kind), k[c], f[c]), y, kind)
+            else:
+                for c in range(width):
+                    y[r, c] = encode(_batch_norm(decode(x[r, c], kind), m[c], k[c], o[c]), y, kind)
 
 
 @_kernel(_FMA)
-def _grad_apply_last(dy, x, kind, mean, a, b_, c_, rows, dx):
+def _grad_apply_last(dy, x, kind, mean, a, b_, c_, fold, rows, dx):
     total, width = x.shape
     m, ta, tb, tc = _tiled(mean, width), _tiled(a, width), _tiled(b_, width), _tiled(c_, width)
+    tf = _tiled(_folded_backward_shift(mean, b_, c_), width)
+    fold = fold and folds(x) and _finite(m) and _finite(ta) and _finite(tb) and _finite(tc) and _finite(tf)
     blocks = (total + rows - 1) // rows
     for b in prange(blocks):
         for r in range(b * rows, min(total, (b + 1) * rows)):
-            for c in range(width):
-                v = _batch_norm_backward(decode(dy[r, c], kind), decode(x[r, c], kind), m[c], ta[c], tb[c], tc[c])
-                dx[r, c] = encode(v, dx, kind)
+            if fold:          # refbn.reference's folded form (see _finite)
+                for c in range(width):
+                    v = _batch_norm_backward_folded(decode(dy[r, c], kind), decode(x[r, c], kind), ta[c], tb[c], tf[c])
+                    dx[r, c] = encode(v, dx, kind)
+            else:
+                for c in range(width):
+                    v = _batch_norm_backward(decode(dy[r, c], kind), decode(x[r, c], kind), m[c], ta[c], tb[c],
+                                             tc[c])
+                    dx[r, c] = encode(v, dx, kind)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,7 +392,7 @@ def _grad_sums_first(dy, x, kind, mean, group, chunk):
 
 
 @_kernel(_FMA)
-def _scale_shift_first(x, kind, mean, y_coef, offset, group, y):
+def _scale_shift_first(x, kind, mean, y_coef, offset, fold, group, y):
     outer, channels, inner = x.shape
     groups = (channels + group - 1) // group
     for t in prange(outer * groups):
@@ -357,12 +402,17 @@ def _scale_shift_first(x, kind, mean, y_coef, offset, group, y):
             m = mean[c]
             k = y_coef[c]
             o = offset[c]
-            for i in range(inner):
-                y[n, c, i] = encode(_batch_norm(decode(x[n, c, i], kind), m, k, o), y, kind)
+            f = _folded_shift(m, k, o)
+            if fold and folds(x) and np.isfinite(m) and np.isfinite(k) and np.isfinite(o) and np.isfinite(f):
+                for i in range(inner):
+                    y[n, c, i] = encode(_batch_norm_folded(decode(x[n, c, i], kind), k, f), y, kind)
+            else:
+                for i in range(inner):
+                    y[n, c, i] = encode(_batch_norm(decode(x[n, c, i], kind), m, k, o), y, kind)
 
 
 @_kernel(_FMA)
-def _grad_apply_first(dy, x, kind, mean, a, b_, c_, group, dx):
+def _grad_apply_first(dy, x, kind, mean, a, b_, c_, fold, group, dx):
     outer, channels, inner = x.shape
     groups = (channels + group - 1) // group
     for t in prange(outer * groups):
@@ -370,9 +420,16 @@ def _grad_apply_first(dy, x, kind, mean, a, b_, c_, group, dx):
         g = t - n * groups
         for c in range(g * group, min(channels, (g + 1) * group)):
             m, ac, bc, cc = mean[c], a[c], b_[c], c_[c]
-            for i in range(inner):
-                dx[n, c, i] = encode(_batch_norm_backward(decode(dy[n, c, i], kind), decode(x[n, c, i], kind), m,
-                                                          ac, bc, cc), dx, kind)
+            fc = _folded_backward_shift(m, bc, cc)
+            if fold and folds(x) and np.isfinite(m) and np.isfinite(ac) and np.isfinite(bc) and np.isfinite(cc) \
+                    and np.isfinite(fc):
+                for i in range(inner):
+                    dx[n, c, i] = encode(_batch_norm_backward_folded(decode(dy[n, c, i], kind), decode(x[n, c, i], kind),
+                                                                     ac, bc, fc), dx, kind)
+            else:
+                for i in range(inner):
+                    dx[n, c, i] = encode(_batch_norm_backward(decode(dy[n, c, i], kind), decode(x[n, c, i], kind), m,
+                                                              ac, bc, cc), dx, kind)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -516,7 +573,7 @@ def _grad_sums_first_t(dys, xs, kind, mean):
     return MAIN(dys, xs, kind, mean, _channel_group(channels, inner), _BLOCK_VALUES)
 
 
-def _scale_shift_last_t(xs, kind, mean, y_coef, offset, ys):
+def _scale_shift_last_t(xs, kind, mean, y_coef, offset, fold, ys):
     """ys = (x - mean) * y_coef + offset, channels last."""
     outer, channels, inner = xs.shape
     k = _virtual(outer, channels)
@@ -526,18 +583,18 @@ def _scale_shift_last_t(xs, kind, mean, y_coef, offset, ys):
         if x.shape[0] == 0:
             continue
         if i == 0:
-            MAIN(x, kind, mean, y_coef, offset, _rows_per_block(x.shape[1]), y)
+            MAIN(x, kind, mean, y_coef, offset, fold, _rows_per_block(x.shape[1]), y)
         else:
-            TAIL(x, kind, mean, y_coef, offset, _rows_per_block(x.shape[1]), y)
+            TAIL(x, kind, mean, y_coef, offset, fold, _rows_per_block(x.shape[1]), y)
 
 
-def _scale_shift_first_t(xs, kind, mean, y_coef, offset, ys):
+def _scale_shift_first_t(xs, kind, mean, y_coef, offset, fold, ys):
     """ys = (x - mean) * y_coef + offset, channels first."""
     outer, channels, inner = xs.shape
-    MAIN(xs, kind, mean, y_coef, offset, _channel_group(channels, inner), ys)
+    MAIN(xs, kind, mean, y_coef, offset, fold, _channel_group(channels, inner), ys)
 
 
-def _grad_apply_last_t(dys, xs, kind, mean, a, b, c, dxs):
+def _grad_apply_last_t(dys, xs, kind, mean, a, b, c, fold, dxs):
     """dxs = a*dy + b*(x - mean) + c, channels last."""
     outer, channels, inner = xs.shape
     k = _virtual(outer, channels)
@@ -547,15 +604,15 @@ def _grad_apply_last_t(dys, xs, kind, mean, a, b, c, dxs):
         if x.shape[0] == 0:
             continue
         if i == 0:
-            MAIN(d, x, kind, mean, a, b, c, _rows_per_block(x.shape[1]), o)
+            MAIN(d, x, kind, mean, a, b, c, fold, _rows_per_block(x.shape[1]), o)
         else:
-            TAIL(d, x, kind, mean, a, b, c, _rows_per_block(x.shape[1]), o)
+            TAIL(d, x, kind, mean, a, b, c, fold, _rows_per_block(x.shape[1]), o)
 
 
-def _grad_apply_first_t(dys, xs, kind, mean, a, b, c, dxs):
+def _grad_apply_first_t(dys, xs, kind, mean, a, b, c, fold, dxs):
     """dxs = a*dy + b*(x - mean) + c, channels first."""
     outer, channels, inner = xs.shape
-    MAIN(dys, xs, kind, mean, a, b, c, _channel_group(channels, inner), dxs)
+    MAIN(dys, xs, kind, mean, a, b, c, fold, _channel_group(channels, inner), dxs)
 
 
 # -- the ops, one compiled call each; the maths between the passes is refbn.reference's ---------
@@ -577,13 +634,14 @@ def _moments_t(xs, kind):
 def _training_t(xs, kind, scale, offset, epsilon, ys):
     """The training forward pass: the moments, then y; returns (mean, biased variance)."""
     mean, var = MOMENTS(xs, kind)
-    SCALE_SHIFT(xs, kind, mean, _y_coefficient(scale, _inv_std(var, epsilon)), offset, ys)
+    SCALE_SHIFT(xs, kind, mean, _y_coefficient(scale, _inv_std(var, epsilon)), offset, _foldable(mean, var), ys)
     return mean, var
 
 
 def _inference_t(xs, kind, scale, offset, mean, variance, epsilon, ys):
     """The inference forward pass: y from the given statistics."""
-    SCALE_SHIFT(xs, kind, mean, _y_coefficient(scale, _inv_std(variance, epsilon)), offset, ys)
+    SCALE_SHIFT(xs, kind, mean, _y_coefficient(scale, _inv_std(variance, epsilon)), offset, _foldable(mean, variance),
+                ys)
 
 
 def _gradient_t(dys, xs, kind, scale, mean, variance, epsilon, is_training, dxs):
@@ -592,7 +650,7 @@ def _gradient_t(dys, xs, kind, scale, mean, variance, epsilon, is_training, dxs)
     sum_dy, sum_dy_xc = GRAD_SUMS(dys, xs, kind, mean)
     a, b, c, dscale, doffset = _backward_coefficients(sum_dy, sum_dy_xc, outer * inner, scale,
                                                       _inv_std(variance, epsilon), is_training)
-    GRAD_APPLY(dys, xs, kind, mean, a, b, c, dxs)
+    GRAD_APPLY(dys, xs, kind, mean, a, b, c, _foldable(mean, variance), dxs)
     return dscale, doffset
 
 
