@@ -246,7 +246,7 @@ def markdown(result):
             f"{g('numba', 'gbps', '.1f')} | {g('numba', 'x_floor')} | {g('numba', 'x_torch')} | "
             f"{g('numba', 'x_fastest_peer')} |")
     for kernel in m.get("tf_workers", {}):
-        lines += ["", f"TF {_LABEL['tf_' + kernel]} ran in a worker process (TF_ENABLE_ONEDNN_OPTS="
+        lines += ["", f"{_LABEL['tf_' + kernel]} ran in a worker process (TF_ENABLE_ONEDNN_OPTS="
                   f"{'1' if kernel == 'onednn' else '0'}); its floor there: "
                   + ", ".join(f"{r['shape']} {r['op']} {r['worker_floor_ms'][kernel]:.2f}"
                               for r in result["records"] if kernel in r.get("worker_floor_ms", {})) + " ms."]

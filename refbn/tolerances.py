@@ -230,6 +230,11 @@ _FW_SUMS = ("the framework's CPU kernel reduces the n values of a channel in flo
 for _ctx in ("torch_cpu", "onnxruntime_cpu"):
     TOLERANCES.update({
         (_ctx, "*", "f32"): Tolerance(8.0, _FW_SUMS, ulps_per_n=1 / 32, max_n=_N_CAP),
+        (_ctx, "y", "f32"): Tolerance(
+            24.0, "torch's y = x*alpha + (bias - mean*alpha) in float32: each rounding is relative to "
+                  "|x*alpha| or |mean*alpha|, up to ~5x rms(y) at the tails of normal data, on top of "
+                  "the float32 statistics (" + _FW_SUMS + "); measured 16.8 eps at n = 256 "
+                  "(refbn bench --sweep, 1 thread)", ulps_per_n=1 / 32, max_n=_N_CAP),
         (_ctx, "x_backprop", "f32"): Tolerance(
             16.0, "dx = a*(dy - mean(dy) - x_hat*mean(dy*x_hat)) in float32 from torch's float32 "
                   "save_invstd, judged against |a|*rms(dy); measured <= 2.1 eps"),
