@@ -196,7 +196,7 @@ def plot(result, path):
     m = result["machine"]
     star = any(label.endswith("*") for label in legend)
     fig.suptitle(f"refbn bench, float32, {m['cpu']}, {m['threads']} threads"
-                 + ("  (* = TF in a worker process, against that process's own floor)" if star else ""),
+                 + ("  (* = TF or JAX in a worker process, against that process's own floor)" if star else ""),
                  fontsize=10)
     # one legend for every panel, above them, so that it never covers a bar
     fig.legend(list(legend.values()), list(legend), loc="upper center", ncol=len(legend), fontsize=8,

@@ -278,3 +278,28 @@ def test_numba_vs_a_worker_peer_uses_numba_timed_alternating_with_it():
     assert rec["fastest_peer"] == "jax"
     assert cs["numba"]["x_jax"] == 0.6 and cs["numba"]["x_fastest_peer"] == 0.6 and cs["numba"]["x_torch"] == 0.4
     assert cs["numpy"]["x_jax"] == 2.0
+
+
+@pytest.mark.parametrize("text", ["2x3x3x16", "n2c16h3w3:NCHW"])
+def test_percall_layers_validate_first_and_add_up(text):
+    """python -m refbn.bench.percall: every op is checked against the float64 truth before it is
+    timed, and each layer below raw_ops is timed (no figure is asserted, only that it exists)."""
+    from refbn.bench import percall
+    got = percall.layers(specs.parse(text), calls=40)
+    assert set(got) == {"train", "infer", "bwd"}
+    for op, t in got.items():
+        assert {"raw_ops", "backend", "driver", "dispatch"} <= set(t), op
+        assert all(v > 0 and np.isfinite(v) for v in t.values()), (op, t)
+
+
+def test_percall_refuses_a_wrong_kernel(monkeypatch):
+    """The per-call tool validates before timing: a numba driver that gets the maths wrong fails."""
+    from refbn.backends import numba_kernels as nk
+    from refbn.bench import percall
+    real = nk.forward_inference
+
+    def wrong(x3, scale, offset, mean, variance, epsilon, out3=None):
+        return real(x3, scale * 1.001, offset, mean, variance, epsilon, out3)
+    monkeypatch.setattr(nk, "forward_inference", wrong)   # what raw_ops calls (the backend module's)
+    with pytest.raises(AssertionError, match="y"):
+        percall.layers(specs.parse("2x3x3x16"), calls=8)
