@@ -132,7 +132,7 @@ BYTES_PER_VALUE = 24
 def check_args(args):
     """(specs, ops, contenders) from the arguments, or UsageError for the first bad one: nothing
     heavy is imported and nothing is timed before every argument and output path is checked."""
-    from refbn.cli import UsageError, check_memory, check_number, check_output, check_plot
+    from refbn.cli import UsageError, check_memory, check_number
 
     from . import data, specs, sweep
     sweep.refuse_outside(args)    # the --sweep-* options (and --cache auto) need --sweep
@@ -153,17 +153,26 @@ def check_args(args):
     args.dtype_list = _parse_list(args.dtypes, DTYPES, "--dtypes")
     if args.threads is not None:
         check_number("--threads", args.threads, 1)
-    check_number("--repeats", args.repeats, 1)
-    check_number("--warmup", args.warmup, 0)
+    check_timing_and_outputs(args)
+    if args.jit and "numba" not in contenders:
+        raise UsageError(f"--jit: measures numba's compile, but --contenders {args.contenders!r} has no numba")
+    return shapes, ops, contenders
+
+
+def check_timing_and_outputs(args):
+    """The options ``refbn bench`` and ``--sweep`` share: rounds, pauses, seed and output paths
+    (a repeats/warmup of None is the sweep's "chosen per size")."""
+    from refbn.cli import check_number, check_output, check_plot
+    if args.repeats is not None:
+        check_number("--repeats", args.repeats, 1)
+    if args.warmup is not None:
+        check_number("--warmup", args.warmup, 0)
     if args.gap_ms is not None:
         check_number("--gap-ms", args.gap_ms, 0, 60_000)
     check_number("--seed", args.seed, 0)
     check_output("--json", args.json)
     check_output("--markdown", args.markdown)
     check_plot("--plot", args.plot)
-    if args.jit and "numba" not in contenders:
-        raise UsageError(f"--jit: measures numba's compile, but --contenders {args.contenders!r} has no numba")
-    return shapes, ops, contenders
 
 
 def _dtype(name):

@@ -147,10 +147,15 @@ def print_all(console, result):
             elif r:
                 console.print(f"numba {label} start: import {r['import_s']:.2f} s, first calls of 3 ops x 2 layouts "
                               f"x 2 builds {sum(r['first_call_s'].values()):.2f} s (max {max(r['first_call_s'].values()):.2f} s)")
+    print_refusals_and_notes(console, result)
+
+
+def print_refusals_and_notes(console, result, where=lambda rec: f"{rec['shape']} {rec['op']}"):
+    """Every contender refused by its validation (never timed), then the run's notes."""
     for rec in result["records"]:
         for name, c in rec["contenders"].items():
             if c.get("refused"):
-                console.print(f"[red]refused[/red] {rec['shape']} {rec['op']} {name}: {c['refused']}")
+                console.print(f"[red]refused[/red] {where(rec)} {name}: {c['refused']}")
     for note in result.get("notes", []):
         console.print(f"note: {note}")
 

@@ -162,7 +162,7 @@ def _available_memory():
 
 def check_args(args):
     """The sweep's plan from the arguments, or UsageError for the first bad one; nothing is timed before."""
-    from refbn.cli import UsageError, check_memory, check_number, check_output, check_plot, _size
+    from refbn.cli import UsageError, check_memory, check_number, _size
 
     from . import data
     from .cli import _parse_list
@@ -215,16 +215,8 @@ def check_args(args):
     avail = _available_memory()
     if avail is not None and need > avail:
         raise UsageError(f"--sweep-max: {what} needs about {_size(need)} of memory; {_size(avail)} is available now")
-    if args.repeats is not None:
-        check_number("--repeats", args.repeats, 1)
-    if args.warmup is not None:
-        check_number("--warmup", args.warmup, 0)
-    if args.gap_ms is not None:
-        check_number("--gap-ms", args.gap_ms, 0, 60_000)
-    check_number("--seed", args.seed, 0)
-    check_output("--json", args.json)
-    check_output("--markdown", args.markdown)
-    check_plot("--plot", args.plot)
+    from .cli import check_timing_and_outputs
+    check_timing_and_outputs(args)
     return {"ops": ops, "contenders": contenders, "layouts": layouts, "channels": channels, "threads": threads,
             "caches": cache, "specs": specs, "cache": args.cache or "auto", "min_bytes": lo, "max_bytes": hi}
 
@@ -440,6 +432,8 @@ def _threads_label(k):
 
 def print_tables(console, result):
     from rich.table import Table
+
+    from . import report
     cfg = result["config"]
     names = _names(result) + ["floor"]
     console.print("[bold]refbn bench --sweep[/bold]  " + _header(result))
@@ -467,12 +461,7 @@ def print_tables(console, result):
                         cells.append(f"{xf:.2f}" if xf else "")
                 t.add_row(*cells)
             console.print(t)
-    for r in result["records"]:
-        for name, c in r["contenders"].items():
-            if c.get("refused"):
-                console.print(f"[red]refused[/red] {r['shape']} {r['op']} {r['threads']}t {name}: {c['refused']}")
-    for note in result.get("notes", []):
-        console.print(f"note: {note}")
+    report.print_refusals_and_notes(console, result, lambda r: f"{r['shape']} {r['op']} {r['threads']}t")
 
 
 def markdown(result):
