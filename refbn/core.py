@@ -171,7 +171,6 @@ def check_backend_and_trace(backend, trace):
 
 
 def stats_vectors(channels, x_dtype, *items):
-    """Several validated per-channel vectors: items are (value, name) or (value, name, allow_empty).
+    """Several validated per-channel vectors: items are (value, name, allow_empty).
     Returns (vectors in TF's statistics dtype, float64 rows of the non-empty ones)."""
-    return validate.channel_vectors(channels, dtypes.stats_dtype(x_dtype),
-                                    [(it[0], it[1], it[2] if len(it) > 2 else False) for it in items])
+    return validate.channel_vectors(channels, dtypes.stats_dtype(x_dtype), items)

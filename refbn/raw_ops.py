@@ -61,7 +61,7 @@ def FusedBatchNormV3(x, scale, offset, mean, variance, epsilon=0.0001, exponenti
     C, sdt = layout.channels, dtypes.stats_dtype(x.dtype)
     ignore_stats = is_training and factor == 1.0
     (scale, offset, mean, variance), wide = core.stats_vectors(
-        C, x.dtype, (scale, "scale"), (offset, "offset"), (mean, "mean", ignore_stats),
+        C, x.dtype, (scale, "scale", False), (offset, "offset", False), (mean, "mean", ignore_stats),
         (variance, "variance", ignore_stats))
     s64, o64 = wide[0], wide[1]
     if not ignore_stats:   # inference, or old statistics fed to the moving average
@@ -115,7 +115,8 @@ def FusedBatchNormGradV3(y_backprop, x, scale, reserve_space_1, reserve_space_2,
     kernel, want_trace = core.check_backend_and_trace(backend, trace)
     C, sdt = layout.channels, dtypes.stats_dtype(x.dtype)
     (scale, mean, variance), wide = core.stats_vectors(
-        C, x.dtype, (scale, "scale"), (reserve_space_1, "reserve_space_1"), (reserve_space_2, "reserve_space_2"))
+        C, x.dtype, (scale, "scale", False), (reserve_space_1, "reserve_space_1", False),
+        (reserve_space_2, "reserve_space_2", False))
     validate.nonnegative(variance, "reserve_space_2")
     if is_training:
         validate.nonempty_batch(layout.count, x.shape)

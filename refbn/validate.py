@@ -109,27 +109,25 @@ def channel_vectors(channels, dtype, items):
     per non-empty vector, in order.  Every check and message is channel_vector's.  The common
     case (plain vectors of the right dtype and length) is copied into one buffer and checked
     in one pass, so that a call on a small batch does not pay ~3 us per vector."""
-    want = (channels,)
+    want, nd = (channels,), np.ndarray
     buf = np.empty((len(items), channels), dtype)
-    kept, used = [], 0          # per item: the vector (None: an allowed empty one); rows of buf in use
+    rows, used = [], 0          # per item: its row of buf, or -1 for an allowed empty vector
     for v, _, empty_ok in items:
-        if type(v) is not np.ndarray or v.dtype != dtype or v.shape != want or not channels:
-            if not (empty_ok and type(v) is np.ndarray and v.shape == (0,)):
-                break           # not the common case: the general path below
-            kept.append(None)
-            continue
-        buf[used] = v
-        used += 1
-        kept.append(v)
+        if type(v) is nd and v.shape == want and v.dtype == dtype and channels:
+            buf[used] = v
+            rows.append(used)
+            used += 1
+        elif empty_ok and type(v) is nd and v.shape == (0,):
+            rows.append(-1)
+        else:
+            break               # not the common case: the general path below
     else:
-        full = buf[:used]
+        full = buf if used == len(items) else buf[:used]
         if not np.isfinite(full).all():
-            rows = iter(full)
-            for v, (_, name, _) in zip(kept, items):
-                if v is not None:
-                    all_finite(next(rows), name)
-        rows = iter(full)
-        return [np.zeros(0, dtype) if v is None else next(rows) for v in kept], full.astype(np.float64)
+            for r, (_, name, _) in zip(rows, items):
+                if r >= 0:
+                    all_finite(full[r], name)
+        return [full[r] if r >= 0 else np.zeros(0, dtype) for r in rows], full.astype(np.float64)
     vectors = [channel_vector(v, name, channels, dtype, allow_empty) for v, name, allow_empty in items]
     full = [v for v in vectors if v.size]
     wide = np.array(full, np.float64) if full else np.zeros((0, channels))
