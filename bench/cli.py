@@ -175,6 +175,18 @@ def check_timing_and_outputs(args):
     check_plot("--plot", args.plot)
 
 
+def add_run_info(info, torch_module):
+    """What a run learns only once it has run: numba's threading layer (chosen at its first
+    parallel launch) and torch's threads; the bench and --sweep record the same."""
+    import numba
+    try:
+        info["numba_threading_layer"] = numba.threading_layer()
+    except ValueError:
+        info["numba_threading_layer"] = None
+    if torch_module is not None:
+        info["torch"] = torch_module.info()
+
+
 def _dtype(name):
     from refbn import dtypes
     return dtypes.parse(name)
@@ -435,13 +447,7 @@ def main(args):
                     v["process"] = "this"
     for rec in records:
         runner.add_ratios(rec)
-    try:
-        import numba as _nb
-        info["numba_threading_layer"] = _nb.threading_layer()
-    except ValueError:
-        info["numba_threading_layer"] = None
-    if torch_module is not None:
-        info["torch"] = torch_module.info()
+    add_run_info(info, torch_module)
     if tf_module is not None:
         info["tf"] = dict(tf_module.info(), process="this")
     info["tf_workers"] = {k: r["info"] for k, r in worker_results.items()}

@@ -338,12 +338,8 @@ def main(args):
                                floor_gbps=rec["floor_bytes"] / (rec["floor_ms"] * 1e6))
                     records.append(rec)
             del inp, scales, buffers, seen
-    try:
-        info["numba_threading_layer"] = numba.threading_layer()
-    except ValueError:
-        info["numba_threading_layer"] = None
-    if torch_module is not None:
-        info["torch"] = torch_module.info()
+    from .cli import add_run_info
+    add_run_info(info, torch_module)
     info["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     info["wall_s"] = time.perf_counter() - t_start
     config = {"sweep": True, "ops": ops, "contenders": plan["contenders"], "layouts": plan["layouts"],
