@@ -187,6 +187,21 @@ def add_run_info(info, torch_module):
         info["torch"] = torch_module.info()
 
 
+def write_outputs(console, args, result, markdown, plot):
+    """--json, --markdown and --plot of a finished run (the bench's or the sweep's)."""
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1, default=float)
+        console.print(f"JSON written to {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(result))
+        console.print(f"Markdown written to {args.markdown}")
+    if args.plot:
+        plot(result, args.plot)
+        console.print(f"plot written to {args.plot}")
+
+
 def _dtype(name):
     from refbn import dtypes
     return dtypes.parse(name)
@@ -467,16 +482,6 @@ def main(args):
                       "fresh_processes": jit},
               "notes": notes}
     report.print_all(console, result)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1, default=float)
-        console.print(f"JSON written to {args.json}")
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(report.markdown(result))
-        console.print(f"Markdown written to {args.markdown}")
-    if args.plot:
-        report.plot(result, args.plot)
-        console.print(f"plot written to {args.plot}")
+    write_outputs(console, args, result, report.markdown, report.plot)
     refused = [(r["shape"], r["op"], n) for r in records for n, c in r["contenders"].items() if c.get("refused")]
     return 1 if refused else 0

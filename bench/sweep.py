@@ -21,7 +21,6 @@ reuses that validation (numba's kernels do not depend on the thread count); any 
 validated again.
 """
 import hashlib
-import json
 import os
 import re
 import time
@@ -350,17 +349,8 @@ def main(args):
     result = {"machine": info, "caches": plan["caches"], "config": config, "records": records,
               "validations": {"full": full, "reused": reused}, "notes": notes}
     print_tables(console, result)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1, default=float)
-        console.print(f"JSON written to {args.json}")
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(markdown(result))
-        console.print(f"Markdown written to {args.markdown}")
-    if args.plot:
-        plot(result, args.plot)
-        console.print(f"plot written to {args.plot}")
+    from .cli import write_outputs
+    write_outputs(console, args, result, markdown, plot)
     refused = [r for r in records for c in r["contenders"].values() if c.get("refused")]
     return 1 if refused else 0
 
